@@ -1,0 +1,103 @@
+"""The thin bridge to the compiled module ``cream_kernels._C``.
+
+The module never sees a torch type: this file hands it data pointers, sizes,
+element strides, a dtype code and, for CUDA, the caller's current device and
+stream. Inputs arrive validated and laid out by ``ops.py``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    from . import _C  # type: ignore[attr-defined]
+
+    IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # pragma: no cover - depends on the install
+    _C = None
+    IMPORT_ERROR = (
+        f"the compiled module cream_kernels._C could not be imported ({exc}); "
+        "reinstall with `pip install --force-reinstall --no-deps .` from the source tree"
+    )
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def with_cuda() -> bool:
+    return _C is not None and bool(_C.with_cuda)
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _feature_view(view, f3: Tensor) -> None:
+    """Fill a _C.FeatureView from a [B, d, N] view of the features."""
+    view.data = f3.data_ptr()
+    view.dtype = DTYPE_CODES[f3.dtype]
+    view.B, view.d, view.N = f3.shape
+    view.stride_b, view.stride_d, view.stride_n = f3.stride()
+
+
+def _launch(name: str, params, device: torch.device) -> None:
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device).cuda_stream
+        getattr(_C, name + "_cuda")(params, device.index if device.index is not None else torch.cuda.current_device(), stream)
+    else:
+        getattr(_C, name + "_cpu")(params)
+
+
+def em_reactivate(f3, cam, v_fg, v_bg, labels, num_iters, sigma, ratio, cosine, outputs) -> None:
+    """f3: [B, d, N] features (unit stride over N or d); cam: float32 [B, N];
+    v_fg/v_bg: float32 [rows, d] or None; labels: int64 [B] or None;
+    outputs: (out, z_fg, fg_out, bg_out, mix, picked_u8), all written here."""
+    p = _C.EMParams()
+    _feature_view(p.f, f3)
+    p.cam = _ptr(cam)
+    p.v_fg, p.v_bg, p.labels = _ptr(v_fg), _ptr(v_bg), _ptr(labels)
+    p.num_iters, p.sigma, p.ratio, p.cosine = int(num_iters), float(sigma), float(ratio), bool(cosine)
+    out, z, fg_out, bg_out, mix, picked = outputs
+    p.out, p.z_fg, p.fg_out, p.bg_out, p.mix, p.picked_fg = map(_ptr, (out, z, fg_out, bg_out, mix, picked))
+    _launch("em_reactivate", p, f3.device)
+
+
+def _context_params(f3, labels, cam, weight, ratio, means, nonempty, fg, bg, momentum):
+    p = _C.ContextParams()
+    _feature_view(p.f, f3)
+    p.labels, p.cam, p.weight = _ptr(labels), _ptr(cam), _ptr(weight)
+    p.ratio = float(ratio)
+    p.means, p.nonempty = _ptr(means), _ptr(nonempty)
+    p.fg_table, p.bg_table = _ptr(fg), _ptr(bg)
+    p.C = 0 if fg is None else fg.shape[0]
+    p.momentum = float(momentum)
+    return p
+
+
+def context_stats(f3, labels, cam, weight, ratio, means, nonempty) -> None:
+    p = _context_params(f3, labels, cam, weight, ratio, means, nonempty, None, None, 0.0)
+    _launch("context_stats", p, f3.device)
+
+
+def context_apply(fg, bg, means, nonempty, labels, momentum) -> None:
+    """means [B, 2, d], nonempty uint8 [B, 2], labels int64 [B]; tables [C, d]."""
+    p = _C.ContextParams()
+    p.f.B, p.f.d = means.shape[0], means.shape[2]
+    p.labels, p.means, p.nonempty = _ptr(labels), _ptr(means), _ptr(nonempty)
+    p.fg_table, p.bg_table = _ptr(fg), _ptr(bg)
+    p.C, p.momentum = fg.shape[0], float(momentum)
+    _launch("context_apply", p, means.device)
+
+
+def context_update(fg, bg, f3, labels, cam, weight, ratio, momentum, means, nonempty) -> None:
+    p = _context_params(f3, labels, cam, weight, ratio, means, nonempty, fg, bg, momentum)
+    _launch("context_update", p, f3.device)
+
+
+def build_info() -> str:
+    return "" if _C is None else str(_C.build_info)

@@ -1,0 +1,134 @@
+// Loops over one image's [d, N] feature map, shared by the CPU kernels.
+// Two layouts: channel-major (stride_n == 1, NCHW) and pixel-major
+// (stride_d == 1, channels_last); the inner loop always walks unit stride so
+// the compiler can vectorise it. Accumulation is in Acc (float, or double for
+// float64 features).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../common.h"
+#include "../kernels.h"
+
+namespace cream {
+namespace cpu {
+
+template <typename T>
+struct Image {
+  const T* base;
+  int64_t d, N, sd, sn;
+  bool channel_major() const { return sn == 1; }
+};
+
+template <typename T>
+Image<T> image_of(const FeatureView& f, int64_t b) {
+  const T* base = static_cast<const T*>(f.data) + b * f.stride_b;
+  return Image<T>{base, f.d, f.N, f.stride_d, f.stride_n};
+}
+
+// x[i] = sum_k w[k] * f[k, i] for i in [i0, i1). x is indexed by absolute pixel.
+template <typename T, typename Acc>
+void dots(const Image<T>& im, const Acc* w, Acc* x, int64_t i0, int64_t i1) {
+  if (im.channel_major()) {
+    std::fill(x + i0, x + i1, Acc(0));
+    for (int64_t k = 0; k < im.d; ++k) {
+      const T* row = im.base + k * im.sd;
+      const Acc wk = w[k];
+#pragma omp simd
+      for (int64_t i = i0; i < i1; ++i) x[i] += wk * load<Acc>(row + i);
+    }
+  } else {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* px = im.base + i * im.sn;
+      Acc s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < im.d; ++k) s += w[k] * load<Acc>(px + k);
+      x[i] = s;
+    }
+  }
+}
+
+// q[i] = sum_k f[k, i]^2 for i in [i0, i1).
+template <typename T, typename Acc>
+void sumsq(const Image<T>& im, Acc* q, int64_t i0, int64_t i1) {
+  if (im.channel_major()) {
+    std::fill(q + i0, q + i1, Acc(0));
+    for (int64_t k = 0; k < im.d; ++k) {
+      const T* row = im.base + k * im.sd;
+#pragma omp simd
+      for (int64_t i = i0; i < i1; ++i) {
+        const Acc v = load<Acc>(row + i);
+        q[i] += v * v;
+      }
+    }
+  } else {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* px = im.base + i * im.sn;
+      Acc s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < im.d; ++k) {
+        const Acc v = load<Acc>(px + k);
+        s += v * v;
+      }
+      q[i] = s;
+    }
+  }
+}
+
+// S1[k] += sum_i u[i] f[k, i], S2[k] += sum_i ub[i] f[k, i] over i in [i0, i1).
+template <typename T, typename Acc>
+void weighted_sums(const Image<T>& im, const Acc* u, const Acc* ub, Acc* S1, Acc* S2, int64_t i0,
+                   int64_t i1) {
+  if (im.channel_major()) {
+    for (int64_t k = 0; k < im.d; ++k) {
+      const T* row = im.base + k * im.sd;
+      Acc s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+      for (int64_t i = i0; i < i1; ++i) {
+        const Acc v = load<Acc>(row + i);
+        s1 += u[i] * v;
+        s2 += ub[i] * v;
+      }
+      S1[k] += s1;
+      S2[k] += s2;
+    }
+  } else {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T* px = im.base + i * im.sn;
+      const Acc ui = u[i], ubi = ub[i];
+#pragma omp simd
+      for (int64_t k = 0; k < im.d; ++k) {
+        const Acc v = load<Acc>(px + k);
+        S1[k] += ui * v;
+        S2[k] += ubi * v;
+      }
+    }
+  }
+}
+
+// Pixel tile for channel-major maps: a d x tile block of features stays in the
+// L2 cache between the E-step dot products and the M-step sums that follow.
+template <typename T>
+int64_t pixel_tile(const Image<T>& im) {
+  if (!im.channel_major()) return im.N;  // pixel-major reads each pixel once anyway
+  const int64_t budget = 192 * 1024;     // bytes
+  int64_t t = budget / std::max<int64_t>(1, im.d * static_cast<int64_t>(sizeof(T)));
+  t = std::max<int64_t>(16, (t / 16) * 16);
+  return std::min<int64_t>(t, im.N);
+}
+
+// Per-image min and max of a CAM row (SPEC.md's lo and hi).
+template <typename Acc, typename S>
+void min_max(const S* m, int64_t N, Acc& lo, Acc& hi) {
+  lo = static_cast<Acc>(m[0]);
+  hi = lo;
+  for (int64_t i = 1; i < N; ++i) {
+    const Acc v = static_cast<Acc>(m[i]);
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+  }
+}
+
+}  // namespace cpu
+}  // namespace cream
