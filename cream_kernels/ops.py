@@ -486,7 +486,10 @@ def _check_tables(fg_embedding, bg_embedding, d: int, features: Tensor) -> None:
             raise ValueError(f"{name} must be contiguous (it is updated in place); got {_desc(e)}, strides {e.stride()}")
     if fg_embedding.shape != bg_embedding.shape:
         raise ValueError(f"fg_embedding and bg_embedding must have the same shape; got {tuple(fg_embedding.shape)} and {tuple(bg_embedding.shape)}")
-    if fg_embedding.numel() > 0 and fg_embedding.data_ptr() == bg_embedding.data_ptr():
+    same = fg_embedding is bg_embedding or (
+        not torch.compiler.is_compiling() and fg_embedding.numel() > 0 and fg_embedding.data_ptr() == bg_embedding.data_ptr()
+    )
+    if same:
         raise ValueError("fg_embedding and bg_embedding must be different tensors")
 
 

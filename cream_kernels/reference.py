@@ -90,13 +90,13 @@ def context_stats(
 
     Returns ``means`` float32 [B, 2, d] (index 0 = fg, 1 = bg) and ``nonempty``
     bool [B, 2] (whether that mask had any pixel)."""
-    B, d = features.shape[:2]
-    f = features.reshape(B, d, -1).to(compute_dtype)
+    B, d, h, w = features.shape
+    f = features.reshape(B, d, h * w).to(compute_dtype)
     if cam is None:
         w = classifier_weight.to(compute_dtype)[labels]  # [B, d]
         cam_flat = torch.einsum("bdn,bd->bn", f, w)  # Eq. 1, bias ignored
     else:
-        cam_flat = cam.reshape(B, -1).to(compute_dtype)
+        cam_flat = cam.reshape(B, h * w).to(compute_dtype)
     fg = cam_foreground_mask(cam_flat, cam_threshold).to(compute_dtype)
     mean_fg, ne_fg = _masked_mean(f, fg)
     mean_bg, ne_bg = _masked_mean(f, 1.0 - fg)
