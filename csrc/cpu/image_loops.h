@@ -107,17 +107,6 @@ void weighted_sums(const Image<T>& im, const Acc* u, const Acc* ub, Acc* S1, Acc
   }
 }
 
-// Pixel tile for channel-major maps: a d x tile block of features stays in the
-// L2 cache between the E-step dot products and the M-step sums that follow.
-template <typename T>
-int64_t pixel_tile(const Image<T>& im) {
-  if (!im.channel_major()) return im.N;  // pixel-major reads each pixel once anyway
-  const int64_t budget = 192 * 1024;     // bytes
-  int64_t t = budget / std::max<int64_t>(1, im.d * static_cast<int64_t>(sizeof(T)));
-  t = std::max<int64_t>(16, (t / 16) * 16);
-  return std::min<int64_t>(t, im.N);
-}
-
 // Per-image min and max of a CAM row (SPEC.md's lo and hi).
 template <typename Acc, typename S>
 void min_max(const S* m, int64_t N, Acc& lo, Acc& hi) {
