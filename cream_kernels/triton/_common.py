@@ -1,0 +1,147 @@
+"""Pieces shared by ``em.py`` and ``context.py``: block-size choice and the
+per-tile math as ``@triton.jit`` helpers (the Triton twin of csrc/common.h).
+
+Layout: every kernel reads one image's features as a [d, N] matrix through
+element strides (``stride_d``, ``stride_n``), one of which is 1 (NCHW has unit
+stride over pixels, channels_last over channels; ops.py guarantees one of the
+two). Triton specialises an integer argument equal to 1, so the unit stride is
+known at compile time and the loads are vectorised along that axis, whichever
+it is; nothing is ever copied.
+
+Tiles are "whole-d resident": a tile holds all d channels (BLOCK_D =
+next_pow2(d)) of BLOCK_N pixels, so a per-pixel dot product over the channels
+(logit, CAM, squared norm) is finished inside the tile and the posterior it
+gives can weight the same registers at once. That is how one pass over F serves
+an E-step and the M-step after it, without a scratch buffer and without reading
+the tile twice.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+EPS = 1e-12  # SPEC.md cosine eps (common.h kEps)
+
+# Block sizes. A tile [BLOCK_D, BLOCK_N] holds every channel of BLOCK_N pixels.
+# Triton lays a tile out with its threads along the unit-stride axis first, so:
+#   channels_last (unit stride over d): threads run along d, the [BLOCK_D]
+#     vectors the loops carry (centroid difference, two M-step sums) have one
+#     copy per element, and BLOCK_N pixels sit in each thread's registers:
+#     TILE_CL = 16384 elements (32 per thread with 16 warps; d=2048 -> 8 pixels;
+#     TILE_NCHW when d allows no vector, e.g. d=37, which spills otherwise).
+#   NCHW (unit stride over N): a pixel row is shared by BLOCK_N / VEC_N threads
+#     and each [BLOCK_D] vector is replicated that many times, so BLOCK_N is
+#     kept at a few vectors: one thread per row segment for d >= 1024 (fp32
+#     d=2048: 4 pixels = 16 bytes, bf16: 8 pixels), more for smaller d, within
+#     TILE_NCHW = 8192 elements. VEC_N is the widest vector the row alignment
+#     allows; the kernels restate strides as (x // VEC) * VEC so Triton can use
+#     it (it only specialises divisibility by 16, and 14x14 = 196 is not, though
+#     196 fp32 rows are 16-byte aligned).
+# ptxas (sm_90, Triton 3.9) reports no spills for these at the benchmark shapes.
+TILE_CL = 16384
+TILE_NCHW = 8192
+REPLICAS = 4096  # NCHW: BLOCK_D * (threads per pixel row) <= this
+MIN_BLOCK = 16  # keeps every arange/reduction at least 16 wide (d=1, 1x1 maps)
+
+
+def next_pow2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+def _vec(f3, along: int) -> int:
+    """Widest power-of-2 vector (<= 16 bytes) along unit-stride axis ``along``
+    (1 = d, 2 = N) that every row start and the row length are multiples of."""
+    B, d, N = f3.shape
+    length = d if along == 1 else N
+    other = f3.stride(2) if along == 1 else f3.stride(1)
+    esize = f3.element_size()
+    vec = 16 // esize
+    while vec > 1:
+        if (length % vec == 0 and other % vec == 0 and f3.stride(0) % vec == 0
+                and f3.data_ptr() % (vec * esize) == 0):
+            return vec
+        vec //= 2
+    return 1
+
+
+def feature_blocks(f3) -> dict:
+    """Launch parameters for a whole-d-resident [d, N] tile loop over f3 [B, d, N]:
+    BLOCK_D, BLOCK_N, VEC_D, VEC_N (constexpr) and num_warps."""
+    B, d, N = f3.shape
+    block_d = max(MIN_BLOCK, next_pow2(d))
+    n_cap = max(MIN_BLOCK, next_pow2(N))
+    if f3.stride(2) != 1:  # channels_last: unit stride over d (ops.feature_view)
+        vec_d, vec_n = _vec(f3, 1), 1
+        block_n = min(n_cap, max(2, (TILE_CL if vec_d > 1 else TILE_NCHW) // block_d))
+    else:
+        vec_d, vec_n = 1, _vec(f3, 2)
+        threads_per_row = max(1, REPLICAS // block_d)
+        block_n = min(n_cap, max(2, min(TILE_NCHW // block_d, vec_n * threads_per_row)))
+    tile = block_d * block_n
+    num_warps = 16 if tile >= 8192 else 8 if tile >= 2048 else 4
+    return dict(BLOCK_D=block_d, BLOCK_N=block_n, VEC_D=vec_d, VEC_N=vec_n, num_warps=num_warps)
+
+
+def line_block(n: int, cap: int = 1024) -> int:
+    """Block for a 1-D loop over n values (a CAM row, a label vector)."""
+    return max(MIN_BLOCK, min(next_pow2(n), cap))
+
+
+@triton.jit
+def image_base(F, b, stride_b, VEC: tl.constexpr):
+    """Start of image b; the stride is restated as a multiple of VEC (true by
+    construction in feature_blocks) so vectorised loads stay provably aligned."""
+    return F + b * ((stride_b // VEC) * VEC)
+
+
+@triton.jit
+def load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N: tl.constexpr,
+              VEC_D: tl.constexpr, VEC_N: tl.constexpr):
+    """F[:, n0:n0+BLOCK_N] of one image as float32 [BLOCK_D, BLOCK_N]; masked
+    channels and pixels read as 0. Returns (tile, pixel offsets, pixel mask)."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    # alignment hints (no-ops numerically, see feature_blocks)
+    sd = (stride_d // VEC_N) * VEC_N
+    sn = (stride_n // VEC_D) * VEC_D
+    lmask = (offs_n < (N // VEC_N) * VEC_N)[None, :] & dmask[:, None]
+    ptrs = fb + offs_d[:, None] * sd + offs_n[None, :] * sn
+    f = tl.load(ptrs, mask=lmask, other=0.0).to(tl.float32)
+    return f, offs_n, nmask
+
+
+@triton.jit
+def channel_mask(offs_d, d, VEC_D: tl.constexpr):
+    """offs_d < d, written so that Triton sees d as a multiple of VEC_D."""
+    return offs_d < (d // VEC_D) * VEC_D
+
+
+@triton.jit
+def inv_norm(sumsq):
+    """1 / max(||x||, eps) from the sum of squares (common.h inv_norm)."""
+    return 1.0 / tl.maximum(tl.sqrt_rn(sumsq), 1e-12)
+
+
+@triton.jit
+def sigmoid_pair(x):
+    """(sigmoid(x), sigmoid(-x)) with one exp and no cancellation (common.h
+    sigmoid): t = exp(-|x|) <= 1, so 1/(1+t) and t/(1+t) are both exact-ish.
+    NaN in, NaN out; -inf gives (0, 1), +inf gives (1, 0)."""
+    t = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + t)
+    p = t / (1.0 + t)
+    return tl.where(x >= 0, r, p), tl.where(x > 0, p, r)
+
+
+@triton.jit
+def row_min_max(ptr, N, BLOCK: tl.constexpr):
+    """(min, max) of the float32 row ptr[0:N] (SPEC.md's lo and hi)."""
+    lo_v = tl.full([BLOCK], float("inf"), tl.float32)
+    hi_v = tl.full([BLOCK], float("-inf"), tl.float32)
+    for p0 in range(0, N, BLOCK):
+        offs = p0 + tl.arange(0, BLOCK)
+        m = offs < N
+        x = tl.load(ptr + offs, mask=m, other=0.0)
+        lo_v = tl.minimum(lo_v, tl.where(m, x, float("inf")))
+        hi_v = tl.maximum(hi_v, tl.where(m, x, float("-inf")))
+    return tl.min(lo_v, axis=0), tl.max(hi_v, axis=0)
