@@ -1,0 +1,200 @@
+"""``cream-wsol``: train, evaluate and reproduce CREAM from the command line.
+
+    cream-wsol reproduce --out runs/reproduce            # the README's main command
+    cream-wsol reproduce --quick --out /tmp/smoke        # CI-size run, seconds
+    cream-wsol train --preset synthetic --out runs/synth
+    cream-wsol train --preset cub-resnet50 --data-root CUB_200_2011/images \\
+        --metadata-root metadata/CUB --pretrained resnet50-19c8e357.pth --out runs/cub-r50
+    cream-wsol evaluate runs/synth/checkpoint.pt --split test --maps cam,cream,free
+    torchrun --nproc_per_node 2 -m cream_wsol train --preset synthetic --out runs/ddp
+
+(``python -m cream_wsol ...`` is the same program.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train import PRESETS
+
+    ap = argparse.ArgumentParser(prog="cream-wsol", description="CREAM (CVPR 2022) WSOL harness on cream_kernels")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    # ---- train --------------------------------------------------------------------
+    t = sub.add_parser("train", help="train a CAM model and its context embeddings")
+    t.add_argument("--preset", default="synthetic", choices=sorted(PRESETS),
+                   help="schedule preset (paper: <dataset>-<arch>; default: synthetic)")
+    t.add_argument("--data-root", help="folder the image ids are relative to")
+    t.add_argument("--metadata-root", help="wsolevaluation metadata folder (holds train/, val/, test/)")
+    t.add_argument("--synthetic-root", help="with the synthetic preset and no --data-root: generate the data "
+                   "here (default: <out>/data)")
+    t.add_argument("--arch", help="small | vgg16 | resnet50 | inceptionv3 | efficientnet_lite0")
+    t.add_argument("--pretrained", help="ImageNet state dict (torchvision format), or 'package' for "
+                   "efficientnet_lite0's pip weights")
+    t.add_argument("--no-pretrained", action="store_true", help="random init even if the preset has weights")
+    t.add_argument("--large-feature-map", action="store_true", help="28x28 CAM at 224 instead of 14x14")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--lr-step", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--image-size", type=int)
+    t.add_argument("--crop-size", type=int)
+    t.add_argument("--lambda", dest="cream_momentum", type=float, help="context embedding momentum (0.8)")
+    t.add_argument("--embedding-init", choices=["zeros", "random"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--num-workers", type=int)
+    t.add_argument("--ckpt-every-steps", type=int, help="also checkpoint every N steps (default: each epoch)")
+    t.add_argument("--max-steps-per-epoch", type=int, help="cap the steps per epoch (smoke runs)")
+    t.add_argument("--out", default="runs/train", help="output folder (checkpoint.pt, train_log.jsonl)")
+    t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    t.add_argument("--resume", help="resume from this checkpoint (default: <out>/checkpoint.pt if present)")
+    _add_common(t)
+
+    # ---- evaluate -----------------------------------------------------------------
+    e = sub.add_parser("evaluate", help="localization metrics of CAM / CREAM maps from a checkpoint")
+    e.add_argument("checkpoint", help="checkpoint.pt (or the folder holding it)")
+    e.add_argument("--split", default="test")
+    e.add_argument("--data-root")
+    e.add_argument("--metadata-root")
+    e.add_argument("--mask-root", help="folder the mask paths are relative to (default: --data-root)")
+    e.add_argument("--maps", default="cam,cream,free",
+                   help="comma list of cam, cream, calibrated, free, free_calibrated (default: cam,cream,free)")
+    e.add_argument("--target", default="gt", choices=["gt", "pred", "both"],
+                   help="class whose map is scored: ground truth, predicted, or both")
+    e.add_argument("--iters", type=int, default=2, help="EM iterations T (default 2)")
+    e.add_argument("--sigma", type=float, default=8.0)
+    e.add_argument("--similarity", default="dot", choices=["dot", "cosine"])
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--curve-interval", type=float, default=0.001, help="tau step (wsolevaluation: 0.001)")
+    e.add_argument("--max-images", type=int)
+    e.add_argument("--out", help="write the metrics as JSON here")
+    _add_common(e)
+
+    # ---- reproduce ----------------------------------------------------------------
+    r = sub.add_parser("reproduce", help="train on the synthetic default and write the paper's tables + figures")
+    r.add_argument("--out", default="cream_reproduce", help="output folder (default: ./cream_reproduce)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--quick", action="store_true", help="CI-size run (seconds)")
+    r.add_argument("--epochs", type=int, help="override the preset's epochs")
+    r.add_argument("--retrain", action="store_true", help="train again even if <out>/train has a finished run")
+    _add_common(r)
+
+    # ---- presets ------------------------------------------------------------------
+    sub.add_parser("presets", help="list the training presets")
+    return ap
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _cmd_train(a) -> int:
+    from .train import preset, train
+
+    over = dict(arch=a.arch, epochs=a.epochs, lr=a.lr, lr_step=a.lr_step, batch_size=a.batch_size,
+                image_size=a.image_size, crop_size=a.crop_size, cream_momentum=a.cream_momentum,
+                embedding_init=a.embedding_init, num_workers=a.num_workers, ckpt_every_steps=a.ckpt_every_steps,
+                max_steps_per_epoch=a.max_steps_per_epoch, large_feature_map=a.large_feature_map or None)
+    cfg = preset(a.preset, **over).replace(seed=a.seed, out_dir=a.out, progress=not a.no_progress,
+                                           device=_device(a.device))
+    if a.no_pretrained:
+        cfg = cfg.replace(pretrained=None)
+    elif a.pretrained:
+        cfg = cfg.replace(pretrained=a.pretrained)
+    if a.data_root or a.metadata_root:
+        if not (a.data_root and a.metadata_root):
+            print("error: give both --data-root and --metadata-root", file=sys.stderr)
+            return 2
+        cfg = cfg.replace(data_root=a.data_root, metadata_root=a.metadata_root)
+    elif cfg.dataset == "synthetic":
+        from .data import make_synthetic
+        from .reproduce import DATA_FULL
+
+        root = a.synthetic_root or os.path.join(a.out, "data")
+        dkw = dict(DATA_FULL, image_size=cfg.image_size)
+        data_root, metadata_root = make_synthetic(root, seed=a.seed, **dkw)
+        cfg = cfg.replace(data_root=str(data_root), metadata_root=str(metadata_root))
+    else:
+        print(f"error: preset {a.preset!r} needs --data-root and --metadata-root", file=sys.stderr)
+        return 2
+    resume = None if a.no_resume else (a.resume or "auto")
+    summary = train(cfg, resume=resume)
+    if summary["rank"] == 0:
+        last = summary["log"][-1] if summary["log"] else {}
+        print(json.dumps({"checkpoint": summary["checkpoint"], "world_size": summary["world_size"],
+                          "time_s": round(summary["time_s"], 1), "last_epoch": last}))
+    return 0
+
+
+def _cmd_evaluate(a) -> int:
+    from .evaluate import MapSpec, evaluate_checkpoint, format_metrics_table, jsonable
+
+    kinds = [k.strip() for k in a.maps.split(",") if k.strip()]
+    targets = ["gt", "pred"] if a.target == "both" else [a.target]
+    specs = {}
+    for target in targets:
+        for k in kinds:
+            name = k if target == "gt" else f"{k} (predicted class)"
+            specs[name] = MapSpec(k, num_iters=a.iters, sigma=a.sigma, similarity=a.similarity, target=target)
+    res = evaluate_checkpoint(a.checkpoint, split=a.split, data_root=a.data_root, metadata_root=a.metadata_root,
+                              mask_root=a.mask_root, specs=specs, batch_size=a.batch_size, cam_curve_interval=a.curve_interval,
+                              device=_device(a.device), progress=not a.no_progress, max_images=a.max_images)
+    cls = res["classification"]
+    print(f"{res['split']}: {cls['num_images']} images, top-1 {cls['top1']:.1f} %, top-5 {cls['top5']:.1f} %")
+    print(format_metrics_table(res["metrics"], res["has_masks"], res["has_boxes"]))
+    if a.out:
+        keep = {k: res[k] for k in ("metrics", "classification", "split", "config", "specs", "has_masks",
+                                    "has_boxes")}
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)) or ".", exist_ok=True)
+        with open(a.out, "w") as fh:
+            json.dump(jsonable(keep), fh, indent=1)
+        print(f"metrics written to {a.out}")
+    return 0
+
+
+def _cmd_reproduce(a) -> int:
+    from .reproduce import reproduce
+
+    reproduce(a.out, seed=a.seed, quick=a.quick, progress=not a.no_progress, device=_device(a.device),
+              epochs=a.epochs, retrain=a.retrain)
+    return 0
+
+
+def _cmd_presets(a) -> int:
+    from .train import PRESETS
+
+    for name, p in sorted(PRESETS.items()):
+        print(f"{name:28s} " + ", ".join(f"{k}={v}" for k, v in p.items()))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    if getattr(a, "threads", None):
+        import torch
+
+        torch.set_num_threads(a.threads)
+    return {"train": _cmd_train, "evaluate": _cmd_evaluate, "reproduce": _cmd_reproduce,
+            "presets": _cmd_presets}[a.command](a)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
