@@ -16,11 +16,17 @@ try:
 
     IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # pragma: no cover - depends on the install
+    import os
+    import warnings
+
     _C = None
+    _here = os.path.dirname(os.path.abspath(__file__))
     IMPORT_ERROR = (
-        f"the compiled module cream_kernels._C could not be imported ({exc}); "
-        "reinstall with `pip install --force-reinstall --no-deps .` from the source tree"
+        f"the compiled module cream_kernels._C is not importable from {_here} ({exc}). If that is a source "
+        "checkout, build it in place with `pip install -e .` (or run from another directory so the installed "
+        "package is imported); otherwise reinstall with `pip install --force-reinstall --no-deps cream_kernels`"
     )
+    warnings.warn(IMPORT_ERROR + ". Only the reference (and Triton) backends can run.", RuntimeWarning, stacklevel=2)
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 

@@ -20,8 +20,10 @@ def test_available_backends_explains_itself():
     assert any("CUDA" in r for r in av["cuda"])
 
 
-def test_cli_report():
-    out = subprocess.run([sys.executable, "-m", "cream_kernels"], capture_output=True, text=True, check=True).stdout
+def test_cli_report(tmp_path):
+    # cwd away from the source tree, so the subprocess imports the installed package
+    out = subprocess.run([sys.executable, "-m", "cream_kernels"], capture_output=True, text=True, check=True,
+                         cwd=tmp_path).stdout
     assert "compiled module" in out and "auto picks: cpu" in out
     assert "reference yes" in out
 
