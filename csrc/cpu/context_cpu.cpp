@@ -28,16 +28,7 @@ void stats_sample(const ContextParams& p, int64_t b, std::vector<Acc>& ws) {
   Acc lo, hi;
   cpu::min_max(m, N, lo, hi);
   const Acc thr = cam_threshold<Acc>(lo, hi, Acc(p.ratio));
-  Acc cnt = 0;
-  for (int64_t i = 0; i < N; ++i) {
-    const bool fg = cam_is_fg<Acc>(m[i], lo, thr);
-    u[i] = fg ? Acc(1) : Acc(0);
-    ub[i] = fg ? Acc(0) : Acc(1);
-    cnt += u[i];
-  }
-  std::fill(S1, S1 + d, Acc(0));
-  std::fill(S2, S2 + d, Acc(0));
-  cpu::weighted_sums(im, u, ub, S1, S2, 0, N);
+  const Acc cnt = cpu::masked_sums(im, m, lo, thr, u, ub, S1, S2);
   const Acc cnt_bg = Acc(N) - cnt;
   float* mean = p.means + b * 2 * d;
   for (int64_t k = 0; k < d; ++k) {

@@ -30,16 +30,7 @@ void em_image(const EMParams& p, int64_t b, std::vector<Acc>& ws) {
   const Acc thr = cam_threshold<Acc>(lo, hi, Acc(p.ratio));
 
   if (p.v_fg == nullptr) {  // training-free: CAM-masked means of the raw features
-    Acc cnt = 0;
-    for (int64_t i = 0; i < N; ++i) {
-      const bool fg = cam_is_fg<Acc>(cam[i], lo, thr);
-      u[i] = fg ? Acc(1) : Acc(0);
-      ub[i] = fg ? Acc(0) : Acc(1);
-      cnt += u[i];
-    }
-    std::fill(S1, S1 + d, Acc(0));
-    std::fill(S2, S2 + d, Acc(0));
-    cpu::weighted_sums(im, u, ub, S1, S2, 0, N);
+    const Acc cnt = cpu::masked_sums(im, cam, lo, thr, u, ub, S1, S2);
     for (int64_t k = 0; k < d; ++k) {
       vf[k] = masked_mean<Acc>(S1[k], cnt);
       vb[k] = masked_mean<Acc>(S2[k], Acc(N) - cnt);

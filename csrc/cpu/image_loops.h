@@ -107,6 +107,24 @@ void weighted_sums(const Image<T>& im, const Acc* u, const Acc* ub, Acc* S1, Acc
   }
 }
 
+// CAM-masked sums of one image (SPEC.md's mask): S1 = sum of f over foreground
+// pixels, S2 over background ones; u/ub receive the 0/1 masks. Returns the
+// foreground pixel count. `m` is the image's CAM, lo/thr from cam_threshold().
+template <typename T, typename Acc, typename S>
+Acc masked_sums(const Image<T>& im, const S* m, Acc lo, Acc thr, Acc* u, Acc* ub, Acc* S1, Acc* S2) {
+  Acc cnt = 0;
+  for (int64_t i = 0; i < im.N; ++i) {
+    const bool fg = cam_is_fg<Acc>(static_cast<Acc>(m[i]), lo, thr);
+    u[i] = fg ? Acc(1) : Acc(0);
+    ub[i] = fg ? Acc(0) : Acc(1);
+    cnt += u[i];
+  }
+  std::fill(S1, S1 + im.d, Acc(0));
+  std::fill(S2, S2 + im.d, Acc(0));
+  weighted_sums(im, u, ub, S1, S2, 0, im.N);
+  return cnt;
+}
+
 // Per-image min and max of a CAM row (SPEC.md's lo and hi).
 template <typename Acc, typename S>
 void min_max(const S* m, int64_t N, Acc& lo, Acc& hi) {
