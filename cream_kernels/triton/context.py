@@ -51,49 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import channel_mask, feature_blocks, image_base, line_block, load_tile, next_pow2, row_min_max
+from ._common import channel_mask, feature_blocks, image_base, line_block, next_pow2, sample_stats
 from .em import _device_of
-
-
-@triton.jit
-def _sample_stats(
-    fb, stride_d, stride_n, camb, W, y, d, N, ratio, offs_d, dmask,
-    HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    VEC_D: tl.constexpr, VEC_N: tl.constexpr,
-):
-    """Masked fg/bg means of one sample: (mean_fg, mean_bg, count_fg, count_bg)."""
-    if HAS_W:  # Eq. 1 in the kernel: cam_i = W[y] . f_i (bias ignored)
-        w = tl.load(W + y * d + offs_d, mask=dmask, other=0.0)
-        lo_v = tl.full([BLOCK_N], float("inf"), tl.float32)
-        hi_v = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            f, offs_n, nmask = load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N)
-            m = tl.sum(f * w[:, None], axis=0)
-            lo_v = tl.minimum(lo_v, tl.where(nmask, m, float("inf")))
-            hi_v = tl.maximum(hi_v, tl.where(nmask, m, float("-inf")))
-        lo = tl.min(lo_v, axis=0)
-        hi = tl.max(hi_v, axis=0)
-    else:
-        lo, hi = row_min_max(camb, N, BLOCK_P)
-    thr = ratio * (hi - lo)
-    s1 = tl.zeros([BLOCK_D], tl.float32)
-    s2 = tl.zeros([BLOCK_D], tl.float32)
-    cnt = tl.zeros([BLOCK_N], tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        f, offs_n, nmask = load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N)
-        if HAS_W:
-            m = tl.sum(f * w[:, None], axis=0)
-        else:
-            m = tl.load(camb + offs_n, mask=nmask, other=0.0)
-        u = (((m - lo) >= thr) & nmask).to(tl.float32)
-        ub = tl.where(nmask, 1.0 - u, 0.0)
-        s1 += tl.sum(f * u[None, :], axis=1)
-        s2 += tl.sum(f * ub[None, :], axis=1)
-        cnt += u
-    c_fg = tl.sum(cnt, axis=0)
-    c_bg = N - c_fg
-    # masked_mean: an empty mask gives 0 (its sums are 0), never NaN
-    return s1 / tl.maximum(c_fg, 1.0), s2 / tl.maximum(c_bg, 1.0), c_fg, c_bg
 
 
 @triton.jit
@@ -154,7 +113,7 @@ def _context_kernel(
     y = tl.load(LABELS + b)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = channel_mask(offs_d, d, VEC_D)
-    mean_f, mean_b, c_fg, c_bg = _sample_stats(
+    mean_f, mean_b, c_fg, c_bg = sample_stats(
         image_base(F, b, stride_b, VEC_D * VEC_N), stride_d, stride_n, CAM + b * N, W, y, d, N, ratio, offs_d, dmask,
         HAS_W, BLOCK_D, BLOCK_N, BLOCK_P, VEC_D, VEC_N,
     )

@@ -62,7 +62,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    channel_mask, feature_blocks, image_base, inv_norm, line_block, load_tile, row_min_max, sigmoid_pair,
+    channel_mask, feature_blocks, image_base, inv_norm, line_block, load_tile, row_min_max, sample_stats,
+    sigmoid_pair,
 )
 
 
@@ -114,22 +115,9 @@ def _em_kernel(
             row = b
         vf = tl.load(VFG + row * d + offs_d, mask=dmask, other=0.0)
         vb = tl.load(VBG + row * d + offs_d, mask=dmask, other=0.0)
-    else:  # training-free: CAM-masked means of the raw features
-        s1 = tl.zeros([BLOCK_D], tl.float32)
-        s2 = tl.zeros([BLOCK_D], tl.float32)
-        cnt = tl.zeros([BLOCK_N], tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            f, offs_n, nmask = load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N)
-            m = tl.load(cam + offs_n, mask=nmask, other=0.0)
-            u = (((m - lo) >= thr) & nmask).to(tl.float32)
-            ub = tl.where(nmask, 1.0 - u, 0.0)
-            s1 += tl.sum(f * u[None, :], axis=1)
-            s2 += tl.sum(f * ub[None, :], axis=1)
-            cnt += u
-        c_fg = tl.sum(cnt, axis=0)
-        c_bg = N - c_fg
-        vf = s1 / tl.maximum(c_fg, 1.0)  # an empty mask gives 0 (s1 == 0)
-        vb = s2 / tl.maximum(c_bg, 1.0)
+    else:  # training-free: CAM-masked means of the raw features (0 for an empty mask)
+        vf, vb, c_fg, c_bg = sample_stats(fb, stride_d, stride_n, cam, cam, 0, d, N, ratio, offs_d, dmask,
+                                          False, BLOCK_D, BLOCK_N, BLOCK_P, VEC_D, VEC_N)
     if COSINE:
         vf = vf * inv_norm(tl.sum(vf * vf, axis=0))
         vb = vb * inv_norm(tl.sum(vb * vb, axis=0))
