@@ -49,37 +49,32 @@ struct Outs {
 template <typename T, int VB, int NC, bool SQ, int NO, int V>
 __device__ __forceinline__ void col_accumulate(const T* col, int64_t pitch, int r0, int R, int rstep, int n,
                                                const Coefs<NC>& cf, float (&acc)[NO][V]) {
+  // One row's contribution; the two loops below differ only in how a row is loaded.
+  auto add_row = [&](const float (&a)[V], int r) {
+#pragma unroll
+    for (int o = 0; o < NC; ++o) {
+      const float c = cf.p[o][r];
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[o][j] = fmaf(c, a[j], acc[o][j]);
+    }
+    if constexpr (SQ) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) acc[NC][j] = fmaf(a[j], a[j], acc[NC][j]);
+    }
+  };
   if (n == V) {
     // 16-byte vectors of 2-byte types carry 8 accumulators per output already.
 #pragma unroll(V >= 8 ? 2 : 4)
     for (int r = r0; r < R; r += rstep) {
       float a[V];
       load_vec<T, VB>(col + static_cast<int64_t>(r) * pitch, a);
-#pragma unroll
-      for (int o = 0; o < NC; ++o) {
-        const float c = cf.p[o][r];
-#pragma unroll
-        for (int j = 0; j < V; ++j) acc[o][j] = fmaf(c, a[j], acc[o][j]);
-      }
-      if constexpr (SQ) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) acc[NC][j] = fmaf(a[j], a[j], acc[NC][j]);
-      }
+      add_row(a, r);
     }
   } else {
     for (int r = r0; r < R; r += rstep) {
       float a[V];
       load_part<T, V>(col + static_cast<int64_t>(r) * pitch, n, a);
-#pragma unroll
-      for (int o = 0; o < NC; ++o) {
-        const float c = cf.p[o][r];
-#pragma unroll
-        for (int j = 0; j < V; ++j) acc[o][j] = fmaf(c, a[j], acc[o][j]);
-      }
-      if constexpr (SQ) {
-#pragma unroll
-        for (int j = 0; j < V; ++j) acc[NC][j] = fmaf(a[j], a[j], acc[NC][j]);
-      }
+      add_row(a, r);
     }
   }
 }
