@@ -85,6 +85,17 @@ def _logit_weight(fgout, bgout, dmask, inv_sigma):
 
 
 @triton.jit
+def _tile_logits(f, w, bias, COSINE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """E-step logits of a tile: bias + g_i * (w . f_i), and g_i (1/||f_i|| for cosine, else 1)."""
+    x = tl.sum(f * w[:, None], axis=0)
+    if COSINE:
+        g = inv_norm(tl.sum(f * f, axis=0))
+        return bias + g * x, g
+    else:
+        return bias + x, tl.full([BLOCK_N], 1.0, tl.float32)
+
+
+@triton.jit
 def _em_kernel(
     F, stride_b, stride_d, stride_n,
     CAM, VFG, VBG, LABELS,
@@ -143,12 +154,7 @@ def _em_kernel(
         mass_b = tl.zeros([BLOCK_N], tl.float32)
         for n0 in range(0, N, BLOCK_N):
             f, offs_n, nmask = load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N)
-            x = tl.sum(f * w[:, None], axis=0)
-            if COSINE:
-                g = inv_norm(tl.sum(f * f, axis=0))
-                logit = bias + g * x
-            else:
-                logit = bias + x
+            logit, g = _tile_logits(f, w, bias, COSINE, BLOCK_N)
             zf, zb = sigmoid_pair(logit)
             zf = tl.where(nmask, zf, 0.0)
             zb = tl.where(nmask, zb, 0.0)
@@ -182,11 +188,7 @@ def _em_kernel(
     cal_b = tl.zeros([BLOCK_N], tl.float32)
     for n0 in range(0, N, BLOCK_N):
         f, offs_n, nmask = load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N)
-        x = tl.sum(f * w[:, None], axis=0)
-        if COSINE:
-            logit = bias + inv_norm(tl.sum(f * f, axis=0)) * x
-        else:
-            logit = bias + x
+        logit, g = _tile_logits(f, w, bias, COSINE, BLOCK_N)
         zf, zb = sigmoid_pair(logit)
         m = tl.load(cam + offs_n, mask=nmask, other=0.0)
         fg = ((m - lo) >= thr) & nmask
