@@ -69,3 +69,14 @@ def synthetic_small(tmp_path_factory):
     data_root, metadata_root = make_synthetic(root, seed=3, num_classes=4, n_train=12,
                                               n_val=8, n_test=4, image_size=64)
     return root, data_root, metadata_root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Applied to every harness test module: tiny models gain nothing from threads, and on a shared machine one thread is much faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
