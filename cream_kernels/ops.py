@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -171,7 +170,7 @@ def _check_cam(cam, features: Tensor) -> Tensor:
     return cam
 
 
-def _check_labels(labels, B: int, num_rows: Optional[int]) -> Tensor:
+def _check_labels(labels, B: int) -> Tensor:
     labels = _need_tensor("labels", labels)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor (e.g. torch.int64); got {_desc(labels)}")
@@ -247,7 +246,14 @@ def _new(shape, dtype, device) -> Tensor:
 # --------------------------------------------------------------------------- #
 # Backend implementations behind the custom ops
 # --------------------------------------------------------------------------- #
-EMOutputs = tuple  # (out [B,h,w], z_fg [B,h,w], fg [B,d], bg [B,d], mix [B,2], picked bool [B])
+def _kernels(name: str, op: str):
+    """The module holding backend ``name``'s kernels for ``op`` ("em" or "context"):
+    the Triton modules and the _C bridge expose the same function names."""
+    if name == "triton":
+        from .triton import context, em
+
+        return em if op == "em" else context
+    return _ext
 
 
 def _em_outputs(B, d, h, w, device):
@@ -268,12 +274,7 @@ def _em_kernel(name: str, features, cam, fg, bg, labels, num_iters, sigma, ratio
         f3 = feature_view(features)
         cam2 = cam.to(torch.float32).reshape(B, h * w).contiguous()
         args = (f3, cam2, _f32c(fg), _f32c(bg), _i64c(labels), num_iters, sigma, ratio, cosine, outs)
-        if name == "triton":
-            from .triton import em as _tem
-
-            _tem.em_reactivate(*args)
-        else:
-            _ext.em_reactivate(*args)
+        _kernels(name, "em").em_reactivate(*args)
     out, z, vf, vb, mix, picked = outs
     return out, z, vf, vb, mix, picked.view(torch.bool)
 
@@ -292,12 +293,7 @@ def _stats_kernel(name, features, labels, cam, weight, ratio):
     nonempty = _new((B, 2), torch.uint8, features.device)
     if B > 0:
         args = (feature_view(features), _i64c(labels), _f32c(None if cam is None else cam.reshape(B, h * w)), _f32c(weight), ratio, means, nonempty)
-        if name == "triton":
-            from .triton import context as _tc
-
-            _tc.context_stats(*args)
-        else:
-            _ext.context_stats(*args)
+        _kernels(name, "context").context_stats(*args)
     return means, nonempty
 
 
@@ -305,12 +301,7 @@ def _apply_kernel(name, fg, bg, means, nonempty, labels, momentum):
     if means.shape[0] == 0:
         return
     args = (fg, bg, means.contiguous(), nonempty.to(torch.uint8).contiguous(), _i64c(labels), momentum)
-    if name == "triton":
-        from .triton import context as _tc
-
-        _tc.context_apply(*args)
-    else:
-        _ext.context_apply(*args)
+    _kernels(name, "context").context_apply(*args)
 
 
 def _update_kernel(name, fg, bg, features, labels, cam, weight, momentum, ratio):
@@ -321,12 +312,7 @@ def _update_kernel(name, fg, bg, features, labels, cam, weight, momentum, ratio)
     means = _new((B, 2, d), torch.float32, features.device)
     nonempty = _new((B, 2), torch.uint8, features.device)
     args = (fg, bg, feature_view(features), _i64c(labels), _f32c(None if cam is None else cam.reshape(B, h * w)), _f32c(weight), ratio, momentum, means, nonempty)
-    if name == "triton":
-        from .triton import context as _tc
-
-        _tc.context_update(*args)
-    else:
-        _ext.context_update(*args)
+    _kernels(name, "context").context_update(*args)
 
 
 # --------------------------------------------------------------------------- #
@@ -395,23 +381,7 @@ def _(fg_embedding, bg_embedding, features, labels, cam, classifier_weight, mome
 # --------------------------------------------------------------------------- #
 # Public functions
 # --------------------------------------------------------------------------- #
-class EMResult(NamedTuple):
-    """``em_reactivate(..., return_extras=True)``.
-
-    output      float32 [B, h, w]: calibrated map + min-max normalised CAM, in [0, 2]
-    z_fg        float32 [B, h, w]: foreground posterior of the last E-step
-    fg_centroid float32 [B, d]: centroid used by the last E-step (unit norm for cosine)
-    bg_centroid float32 [B, d]
-    mix         float32 [B, 2]: mixing weights (a_fg, a_bg) used by the last E-step
-    picked_fg   bool [B]: True where calibration picked Z_fg, False where it picked Z_bg
-    """
-
-    output: Tensor
-    z_fg: Tensor
-    fg_centroid: Tensor
-    bg_centroid: Tensor
-    mix: Tensor
-    picked_fg: Tensor
+EMResult = _ref.EMResult  # one definition, shared with the oracle
 
 
 def em_reactivate(
@@ -457,7 +427,7 @@ def em_reactivate(
     cam = _check_cam(cam, features)
     B = features.shape[0]
     if labels is not None:
-        labels = _check_labels(labels, B, None)
+        labels = _check_labels(labels, B)
     _check_embeddings(fg_embedding, bg_embedding, labels, features)
     _check_device(features, cam=cam, fg_embedding=fg_embedding, bg_embedding=bg_embedding, labels=labels)
     if isinstance(num_iters, bool) or not isinstance(num_iters, int):
@@ -496,7 +466,7 @@ def _check_tables(fg_embedding, bg_embedding, d: int, features: Tensor) -> None:
 def _check_stats_inputs(features, labels, cam, classifier_weight, cam_threshold):
     features = _check_features(features)
     B, d = features.shape[:2]
-    labels = _check_labels(labels, B, None)
+    labels = _check_labels(labels, B)
     if (cam is None) == (classifier_weight is None):
         raise ValueError("give exactly one of cam ([B, h, w]) or classifier_weight ([C, d])")
     if cam is not None:

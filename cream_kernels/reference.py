@@ -25,12 +25,12 @@ EPS = 1e-12  # SPEC.md: cosine normalisation eps
 class EMResult(NamedTuple):
     """What ``em_reactivate`` returns with ``return_extras=True``.
 
-    output      float32 [B, h, w]: calibrated map + min-max CAM, in [0, 2]
+    output      float32 [B, h, w]: calibrated map + min-max normalised CAM, in [0, 2]
     z_fg        float32 [B, h, w]: foreground posterior of the last E-step
-    fg_centroid float32 [B, d]: the centroid the last E-step used (normalised for cosine)
+    fg_centroid float32 [B, d]: centroid used by the last E-step (unit norm for cosine)
     bg_centroid float32 [B, d]
-    mix         float32 [B, 2]: (a_fg, a_bg) the last E-step used
-    picked_fg   bool [B]: True when calibration picked Z_fg, False for Z_bg
+    mix         float32 [B, 2]: mixing weights (a_fg, a_bg) used by the last E-step
+    picked_fg   bool [B]: True where calibration picked Z_fg, False where it picked Z_bg
     """
 
     output: Tensor
