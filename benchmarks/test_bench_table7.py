@@ -14,49 +14,17 @@ cam_plus_cream_per_image_ms = the cam row + this row, both from this session.
 """
 import pytest
 import torch
-from torch import nn
 
 import cream_kernels
 from cream_kernels import ops
 
 
-class _MinimalVGG16CAM(nn.Module):
-    """Fallback only when python/cream_wsol is missing: wsolevaluation's VGG16 CAM
-    layout (13 convs, pool5 removed, conv6 512->1024 + ReLU, GAP, fc)."""
-
-    CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-
-    def __init__(self, num_classes):
-        super().__init__()
-        layers, cin = [], 3
-        for v in self.CFG:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU(inplace=True)]
-                cin = v
-        self.features = nn.Sequential(*layers)
-        self.conv6 = nn.Conv2d(512, 1024, 3, padding=1)
-        self.fc = nn.Linear(1024, num_classes)
-
-    def forward(self, x, return_features=False):
-        feats = torch.relu(self.conv6(self.features(x)))
-        logits = self.fc(feats.mean(dim=(2, 3)))
-        return (logits, feats) if return_features else logits
-
-    def cams(self, features, classes):
-        return torch.einsum("bdhw,bd->bhw", features, self.fc.weight[classes].to(features.dtype)).float()
-
-
 @pytest.fixture(scope="module")
 def vgg16_cam(harness):
-    try:
-        from cream_wsol.models import VGG16CAM
+    # cream_wsol ships in the same package (python/cream_wsol); the benchmark times its model.
+    from cream_wsol.models import VGG16CAM
 
-        model, source = VGG16CAM(num_classes=200), "cream_wsol.models.VGG16CAM (random weights)"
-    except ImportError as exc:
-        model, source = _MinimalVGG16CAM(200), f"benchmarks' minimal VGG16-CAM (cream_wsol not importable: {exc})"
-    return model.eval().to(harness.device), source
+    return VGG16CAM(num_classes=200).eval().to(harness.device), "cream_wsol.models.VGG16CAM (random weights)"
 
 
 def test_table7(benchmark, harness, table7_case, vgg16_cam):
