@@ -18,25 +18,37 @@ struct FeatureView {
   int64_t stride_b = 0, stride_d = 0, stride_n = 0;
 };
 
+// One EM "row" r = b*K + k is image b re-activating class k of its K classes
+// (K = 1 for the [B] label / [B, h, w] CAM call). Every per-row array below has
+// B*K rows; a backend reads image b's features once for all its K rows where
+// its design allows.
 struct EMParams {
   FeatureView f;
-  const float* cam = nullptr;     // [B, N] float32, contiguous
-  // Initial centroids, float32 contiguous [rows, d]. Row of image b is
-  // labels[b] when labels != nullptr, else b. Both nullptr: training-free mode.
+  int64_t K = 1;                  // classes (rows) per image
+  // The CAM of each row: given, [B*K, N] float32 contiguous; or nullptr and
+  // computed in the kernel as cam_r,i = weight[labels[r]] . f_i (raw features,
+  // bias-free: the mask and the normalised CAM are shift-invariant).
+  const float* cam = nullptr;
+  const float* weight = nullptr;  // [C, d] float32 contiguous classifier weight, or nullptr
+  // Initial centroids, float32 contiguous. v_by_label: [C, d] tables, row of r
+  // is labels[r]; otherwise [B*K, d], row r. Both nullptr: training-free mode.
   const float* v_fg = nullptr;
   const float* v_bg = nullptr;
-  const int64_t* labels = nullptr;
+  bool v_by_label = false;
+  const int64_t* labels = nullptr;  // [B*K], needed when v_by_label or weight
   int num_iters = 2;
-  float sigma = 8.f;
+  float sigma = 8.f;              // ignored when sigma_auto
+  bool sigma_auto = false;        // SPEC.md "sigma = auto": set per row from its initial logits
   float ratio = 0.2f;
   bool cosine = false;
   // Outputs, all written by the kernel, float32 contiguous.
-  float* out = nullptr;           // [B, N]
-  float* z_fg = nullptr;          // [B, N]
-  float* fg_out = nullptr;        // [B, d] centroids of the last E-step
-  float* bg_out = nullptr;        // [B, d]
-  float* mix = nullptr;           // [B, 2] (a_fg, a_bg) of the last E-step
-  uint8_t* picked_fg = nullptr;   // [B] 1 = Z_fg, 0 = Z_bg
+  float* out = nullptr;           // [B*K, N]
+  float* z_fg = nullptr;          // [B*K, N]
+  float* fg_out = nullptr;        // [B*K, d] centroids of the last E-step
+  float* bg_out = nullptr;        // [B*K, d]
+  float* mix = nullptr;           // [B*K, 2] (a_fg, a_bg) of the last E-step
+  uint8_t* picked_fg = nullptr;   // [B*K] 1 = Z_fg, 0 = Z_bg
+  float* sigma_used = nullptr;    // [B*K] the sigma each row used (the given one unless sigma_auto)
 };
 
 struct ContextParams {
