@@ -13,6 +13,18 @@ Backends (``backend=`` or the environment variable ``CREAM_KERNELS_BACKEND``):
     "cpu"        the OpenMP C++ kernels of cream_kernels._C
     "reference"  cream_kernels/reference.py, SPEC.md in plain PyTorch (float64 inside)
 
+K classes per image (``em_reactivate`` with labels [B, K] or a [B, K, h, w]
+CAM) become R = B*K rows, row r = b*K + k, each an independent Op 2 run; how
+each backend reads the features for them:
+    reference  repeats each image's features K times (float64; clarity over memory)
+    cpu        one OpenMP thread per image runs its K rows together: every pass
+               (the in-kernel CAMs from classifier_weight, the training-free init,
+               sigma="auto"'s logit gaps, each E-step and M-step) reads a feature
+               row (NCHW) or pixel vector (channels_last) once for all K rows
+    triton     contract: the same K rows from one read of the image where its
+               design allows (to be confirmed by the Triton helper)
+    cuda       contract: the same (to be confirmed by the CUDA helper)
+
 Non-finite inputs are not checked (that would cost a second read of the
 features); they propagate: a NaN or Inf in an image's features or CAM makes
 that image's output NaN at least at the affected pixels (usually everywhere,
