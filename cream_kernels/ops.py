@@ -33,6 +33,7 @@ update a non-finite sample poisons the rows of its class.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -344,6 +345,7 @@ def _em_outputs(R, d, h, w, device):
     )
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_em_has_new_api() -> bool:
     """Whether cream_kernels.triton.em.em_reactivate takes the issue-12 contract
     (f3, cam, weight, ...). Shim for the branch merge: the lead removes it (and
@@ -447,12 +449,17 @@ def _update_impl(fg, bg, features, labels, cam, classifier_weight, momentum, cam
         _update_kernel(backend, fg, bg, features, labels, cam, classifier_weight, momentum, cam_threshold)
 
 
+def _dispatch_modes() -> int:
+    stack = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return 1 if stack is None else stack()  # unknown torch: always take the custom op
+
+
 def _eager(*tensors: Optional[Tensor]) -> bool:
     """Whether a call can skip the custom-op dispatcher and run its body directly:
     not tracing (torch.compile / export go through the op and its fake), no
     dispatch mode active (make_fx, FakeTensorMode) and plain tensors only. Going
     straight to the body keeps torch._dynamo (seconds to import) out of eager use."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if torch.compiler.is_compiling() or _dispatch_modes() > 0:
         return False
     return all(t is None or type(t) is Tensor for t in tensors)
 
