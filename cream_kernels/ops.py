@@ -739,7 +739,7 @@ def em_reactivate(
     if sigma_auto:
         if sigma != "auto":
             raise ValueError(f"sigma must be a positive number or 'auto', got {sigma!r}")
-        sigma = 0.0  # ignored by every backend when sigma_auto
+        sigma = 1.0  # ignored by every backend when sigma_auto (a safe value for any 1/sigma a launcher computes)
     else:
         sigma = _check_number("sigma", sigma, SIGMA_MIN, SIGMA_MAX,
                               why=" (a normal float32: the kernels hold sigma and 1/sigma in float32) or 'auto'")

@@ -19,8 +19,8 @@ def test_opcheck_em(backend, device):
         (cam, None, fg, bg, labels, 1, 8.0, False, False),
         (cam, None, None, None, None, 1, 8.0, False, True),
         (None, weight, fg, bg, labels, 1, 8.0, False, False),
-        (None, weight, None, None, labels_k, 3, 0.0, True, False),
-        (cam.repeat_interleave(3, 0), None, fg, bg, labels_k, 3, 0.0, True, True),
+        (None, weight, None, None, labels_k, 3, 1.0, True, False),
+        (cam.repeat_interleave(3, 0), None, fg, bg, labels_k, 3, 1.0, True, True),
         (cam.repeat_interleave(2, 0), None, fg.repeat(2, 1)[:4], bg.repeat(2, 1)[:4], None, 2, 4.0, False, False),
     ]
     if not _new_features_ok(backend):
