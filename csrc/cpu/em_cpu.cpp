@@ -13,8 +13,8 @@
 // measured 1.4-2.5x slower at B=32, 1024x14x14: short strided rows defeat the
 // prefetcher.) In NCHW the dot products and the M-step sums take four channel
 // rows per sweep of the per-pixel arrays (B=32, 1024x14x14, T=2, top-5 from the
-// classifier weight, 1 thread, min of 15 on a machine at load ~500: K=1 58 ->
-// 42 ms, K=5 in one call 239 -> 102 ms). A K-row call and K one-row calls run
+// classifier weight, 1 thread, min of 15 on a machine at load ~500: K=1 57.5 ->
+// 38.5 ms, K=5 in one call 239 -> 99 ms, 5 separate calls 246 -> 187 ms). A K-row call and K one-row calls run
 // the same loops, so their results are bitwise equal.
 #include <omp.h>
 
