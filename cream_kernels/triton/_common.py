@@ -127,10 +127,10 @@ def load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N: tl.constexp
     offs_n = n0 + offs_t
     nmask = offs_n < N
     # alignment hints (no-ops numerically, see feature_blocks)
-    sd = ((stride_d // VEC_N) * VEC_N).to(tl.int64)
-    sn = ((stride_n // VEC_D) * VEC_D).to(tl.int64)
+    sd = (stride_d // VEC_N) * VEC_N
+    sn = (stride_n // VEC_D) * VEC_D
     lmask = (offs_n < (N // VEC_N) * VEC_N)[None, :] & dmask[:, None]
-    base = fb + (tl.full([], 0, tl.int64) + n0) * sn
+    base = fb + (tl.full([], 0, tl.int64) + n0) * sn  # int64 * stride: 64-bit products
     ptrs = base + offs_d.to(tl.int64)[:, None] * sd + offs_t.to(tl.int64)[None, :] * sn
     f = tl.load(ptrs, mask=lmask, other=0.0).to(tl.float32)
     return f, offs_n, nmask

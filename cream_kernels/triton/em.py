@@ -123,7 +123,8 @@ def _sweep(
     m2 = tl.zeros([KB, BLOCK_N], tl.float32)
     lo_v = tl.full([KB, BLOCK_N], float("inf"), tl.float32)
     hi_v = tl.full([KB, BLOCK_N], float("-inf"), tl.float32)
-    thr = ratio * (hi - lo)
+    if MODE == 1:
+        thr = ratio * (hi - lo)
     for n0 in range(0, N, BLOCK_N):
         f, offs_n, nmask = load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N)
         rmask = kvalid[:, None] & nmask[None, :]
@@ -214,7 +215,7 @@ def _auto_inv_sigma(zrows, N, kvalid, KB: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _m_update(fgrows, bgrows, vmask, s1, s2, mf, mb, N, COSINE: tl.constexpr):
+def _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE: tl.constexpr):
     """M-step (Eq. 9) from the pass's sums; mass 0 keeps v. Returns (a_fg, a_bg)."""
     vf = tl.load(fgrows, mask=vmask, other=0.0)
     vb = tl.load(bgrows, mask=vmask, other=0.0)
@@ -226,7 +227,7 @@ def _m_update(fgrows, bgrows, vmask, s1, s2, mf, mb, N, COSINE: tl.constexpr):
     tl.debug_barrier()  # every thread has read the old centroids
     tl.store(fgrows, vf, mask=vmask)
     tl.store(bgrows, vb, mask=vmask)
-    return mf / N, mb / N
+    return tl.where(kvalid, mf / N, 0.5), tl.where(kvalid, mb / N, 0.5)  # (rows past K: never stored)
 
 
 @triton.jit
@@ -330,7 +331,7 @@ def _em_kernel(
             s1, s2, mf, mb, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                             w2, _log_ratio(a_fg, a_bg), wc, camrows, orows, zrows, lo, hi, ratio,
                                             3, True, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N)
-            a_fg, a_bg = _m_update(fgrows, bgrows, vmask, s1, s2, mf, mb, N, COSINE)
+            a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE)
             t0 += 1
     # The remaining E-step + M-step iterations, one pass over F each.
     for _t in range(t0, T - 1):
@@ -338,7 +339,7 @@ def _em_kernel(
         s1, s2, mf, mb, _k, _l = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                         w2, _log_ratio(a_fg, a_bg), wc, camrows, orows, zrows, lo, hi, ratio,
                                         3, False, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N)
-        a_fg, a_bg = _m_update(fgrows, bgrows, vmask, s1, s2, mf, mb, N, COSINE)
+        a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE)
 
     # Last E-step: logits staged in ZOUT (and the CAM in OUT when T = 1 with W and tables).
     w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig)
