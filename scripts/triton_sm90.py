@@ -95,7 +95,17 @@ def compile_kernel(fn, args, consts, num_warps, num_stages=1):
             op = m.group(0)
             widths[op] = widths.get(op, 0) + 1
     smem = k.metadata.shared
-    return dict(regs=regs, spill_bytes=spill_st + spill_ld, shared=smem, ld_global=widths,
+    # feature-tile loads: tt.load of a 2-D pointer tensor of the feature dtype, and the
+    # per-thread contiguous run (sizePerThread) the layout gives along the unit-stride axis
+    ttgir = k.asm["ttgir"]
+    layouts = dict(re.findall(r"(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([0-9, ]+)\]", ttgir))
+    fdt = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}[args["F"][1:]]
+    f_loads = []
+    for m in re.finditer(r"tt\.load[^\n]*tensor<(\d+)x(\d+)x!tt\.ptr<(\w+)>, (#blocked\d*)>", ttgir):
+        if m.group(3) == fdt:
+            spt = [int(x) for x in layouts[m.group(4)].split(",")]
+            f_loads.append(spt)
+    return dict(regs=regs, spill_bytes=spill_st + spill_ld, shared=smem, ld_global=widths, f_load_spt=f_loads,
                 cp_async=ptx.count("cp.async"), bar_sync=ptx.count("bar.sync"))
 
 

@@ -20,6 +20,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import INTERPRET
+
+
+def device_fn(fn):
+    """``@triton.jit`` for a device function (one a kernel calls). Under
+    TRITON_INTERPRET=1 the plain Python function is kept instead: the
+    interpreter runs the kernel as Python with triton.language already
+    patched, and Triton 3.9's interpreter re-patches the whole language
+    module (inspect.getmembers over it) on every call of a jitted device
+    function, ~15 ms each, which made a small test call take seconds. Only
+    the interpreter path changes; compiled kernels are the same."""
+    return fn if INTERPRET else triton.jit(fn)
+
+
 EPS = 1e-12  # SPEC.md cosine eps (common.h kEps)
 
 # Block sizes (issue 11: sized by the registers they cost and the bytes they
@@ -106,18 +120,18 @@ def line_block(n: int, cap: int = 1024) -> int:
     return max(MIN_BLOCK, min(next_pow2(n), cap))
 
 
-@triton.jit
+@device_fn
 def image_base(F, b, stride_b, VEC: tl.constexpr):
     """Start of image b; the stride is restated as a multiple of VEC (true by
     construction in feature_blocks) so vectorised loads stay provably aligned."""
     return F + b * ((stride_b // VEC) * VEC)
 
 
-@triton.jit
-def load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N: tl.constexpr,
-              VEC_D: tl.constexpr, VEC_N: tl.constexpr):
-    """F[:, n0:n0+BLOCK_N] of one image as float32 [BLOCK_D, BLOCK_N]; masked
-    channels and pixels read as 0. Returns (tile, pixel offsets, pixel mask).
+@device_fn
+def load_raw(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N: tl.constexpr,
+             VEC_D: tl.constexpr, VEC_N: tl.constexpr):
+    """F[:, n0:n0+BLOCK_N] of one image [BLOCK_D, BLOCK_N] in the feature dtype;
+    masked channels and pixels (all of them when n0 >= N: no memory access) read as 0.
 
     Offsets inside the image are int64 (issue 11): d * N, or a stride times a
     pixel index, may exceed 2^31 (d=2048 at 1024x1024). The unit stride is a
@@ -125,30 +139,37 @@ def load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N: tl.constexp
     the 64-bit multiply, and its [BLOCK_D] or scalar part is loop-invariant."""
     offs_t = tl.arange(0, BLOCK_N)
     offs_n = n0 + offs_t
-    nmask = offs_n < N
     # alignment hints (no-ops numerically, see feature_blocks)
     sd = (stride_d // VEC_N) * VEC_N
     sn = (stride_n // VEC_D) * VEC_D
     lmask = (offs_n < (N // VEC_N) * VEC_N)[None, :] & dmask[:, None]
     base = fb + (tl.full([], 0, tl.int64) + n0) * sn  # int64 * stride: 64-bit products
     ptrs = base + offs_d.to(tl.int64)[:, None] * sd + offs_t.to(tl.int64)[None, :] * sn
-    f = tl.load(ptrs, mask=lmask, other=0.0).to(tl.float32)
-    return f, offs_n, nmask
+    return tl.load(ptrs, mask=lmask, other=0.0)
 
 
-@triton.jit
+@device_fn
+def load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N: tl.constexpr,
+              VEC_D: tl.constexpr, VEC_N: tl.constexpr):
+    """load_raw as float32, with (tile, pixel offsets, pixel mask)."""
+    f = load_raw(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N).to(tl.float32)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    return f, offs_n, offs_n < N
+
+
+@device_fn
 def channel_mask(offs_d, d, VEC_D: tl.constexpr):
     """offs_d < d, written so that Triton sees d as a multiple of VEC_D."""
     return offs_d < (d // VEC_D) * VEC_D
 
 
-@triton.jit
+@device_fn
 def inv_norm(sumsq):
     """1 / max(||x||, eps) from the sum of squares (common.h inv_norm)."""
     return 1.0 / tl.maximum(tl.sqrt_rn(sumsq), 1e-12)
 
 
-@triton.jit
+@device_fn
 def sigmoid_pair(x):
     """(sigmoid(x), sigmoid(-x)) with one exp and no cancellation (common.h
     sigmoid): t = exp(-|x|) <= 1, so 1/(1+t) and t/(1+t) are both exact-ish.
@@ -159,7 +180,7 @@ def sigmoid_pair(x):
     return tl.where(x >= 0, r, p), tl.where(x > 0, p, r)
 
 
-@triton.jit
+@device_fn
 def row_min_max(ptr, N, BLOCK: tl.constexpr):
     """(min, max) of the float32 row ptr[0:N] (SPEC.md's lo and hi)."""
     lo_v = tl.full([BLOCK], float("inf"), tl.float32)
@@ -173,7 +194,7 @@ def row_min_max(ptr, N, BLOCK: tl.constexpr):
     return tl.min(lo_v, axis=0), tl.max(hi_v, axis=0)
 
 
-@triton.jit
+@device_fn
 def sample_stats(
     fb, stride_d, stride_n, camb, W, y, d, N, ratio, offs_d, dmask,
     HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,

@@ -51,11 +51,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import channel_mask, feature_blocks, image_base, line_block, next_pow2, sample_stats
+from ._common import channel_mask, device_fn, feature_blocks, image_base, line_block, next_pow2, sample_stats
 from .em import _device_of
 
 
-@triton.jit
+@device_fn
 def _class_span(LABELS, y, lo, hi, BLOCK_B: tl.constexpr):
     """(first index j in [lo, hi) with LABELS[j] == y, or hi; number of such j)."""
     first_v = tl.full([BLOCK_B], hi, tl.int32)
@@ -69,7 +69,7 @@ def _class_span(LABELS, y, lo, hi, BLOCK_B: tl.constexpr):
     return tl.min(first_v, axis=0), tl.sum(cnt_v, axis=0)
 
 
-@triton.jit
+@device_fn
 def _apply_class(FG, BG, MEANS, NONEMPTY, LABELS, y, first, B, d, lam,
                  BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
     """SPEC.md's sequential update for class y: every j >= first with

@@ -1,56 +1,76 @@
-"""EM re-activation (SPEC.md Op 2) as one Triton kernel launch per call.
+"""EM re-activation (SPEC.md Op 2 and its issue-12 extensions) as one Triton
+kernel launch per call.
 
 Design
 ------
-Grid ``(B,)``: one program per image, which owns everything about that image
-(its CAM statistics, both centroids, the mixing weights, the calibration), so
-nothing crosses programs and there is no host round trip, no ``.item()`` and
-no per-image Python loop.
+Rows: r = b*K + k is image b re-activating class k of its K classes (the
+backend contract, csrc/kernels.h EMParams). Grid ``(B, ceil(K / KB))``:
+program (b, g) owns rows b*K + g*KB ... + KB-1 of image b, KB = min(next_pow2(K),
+KB_MAX = 4), and everything about them (CAM statistics, centroids, mixing
+weights, sigma, calibration), so nothing crosses programs: no host round
+trip, no ``.item()``, no per-image Python loop, deterministic.
 
-Inside a program, every loop over the features walks pixel tiles of the
-image's [d, N] matrix; a tile holds *all* d channels of BLOCK_N pixels
-(``_common.feature_blocks``). With the whole channel axis in registers the
-logit of a pixel (a dot product over d) is complete inside the tile, so the
-posterior it gives weights the same registers for the M-step sums at once:
+Every pass over the features walks pixel tiles of the image's [d, N] matrix;
+a tile holds *all* d channels of BLOCK_N pixels (``_common.feature_blocks``),
+so the dot products of a pixel with the KB rows' vectors (logits [KB,
+BLOCK_N], the in-kernel CAM) are complete inside the tile, and the posteriors
+they give weight the same registers at once for the KB rows' M-step sums
+([KB, BLOCK_D] each). **One pass reads the tile once for all KB rows**; K <= 4
+classes (top-1..top-4) are therefore read once per pass, K = 5..8 by two
+programs of the same image (each reading it once per pass, concurrently, so
+the second read mostly hits L2). Passes over F per call (T = num_iters):
 
-    pass over the CAM row        lo, hi, threshold                (N floats)
-    [training-free] 1 pass on F  CAM-masked fg/bg means -> v_fg, v_bg
-    T-1 passes on F              E-step + M-step fused: logits, Z, sum Z,
-                                 sum Z f (and ||f_i|| in cosine mode, from the
-                                 same tile, so normalised features are never
-                                 stored)
-    1 pass on F                  last E-step: Z_fg -> z_fg output, Z_bg ->
-                                 ``out`` (staging), calibration sums over the
-                                 CAM-fg pixels
-    pass over the N outputs      out = (picked ? Z_fg : Z_bg) + normalised CAM
+    given CAM, tables/per-row centroids     T          (E+M fused; last E-step)
+    + training-free init                    T + 1      (CAM-masked means)
+    classifier weight W, tables             T          (the CAM W[y].f_i rides
+                                                        on the first E-step pass)
+    W, training-free                        T + 2      (CAM pass: lo/hi are needed
+                                                        before the masked means)
+    sigma = "auto"                          +1         (the gaps of the initial
+                                                        centroids; with W and tables
+                                                        the CAM rides on it)
 
-So F is read T times (T+1 training-free), the minimum for T E-steps. Only
-w = (v_fg - v_bg)/sigma and the two M-step sums are [BLOCK_D] vectors live
-during a pass; the centroids themselves wait in the fg_out/bg_out outputs
-between M-steps (re-read once per iteration, d floats), because in NCHW each
-[BLOCK_D] vector is replicated over the threads that share a pixel row and
-registers are the limit. A scalar pair carries (a_fg, a_bg). All arithmetic
+plus sweeps over N floats per row (CAM min/max when given, the two auto-sigma
+statistics, calibration, Eq. 12) that read the staged rows, not F. Staging:
+the last E-step stores its logits in ``z_fg`` (and the in-kernel CAM is stored
+in ``out``), then the calibration sweep and the Eq. 12 sweep turn them into
+Z_fg and the output in place; the logit gaps for sigma = "auto" are staged
+in ``z_fg`` too. The centroids wait in the fg/bg outputs between M-steps
+(re-read once per iteration, d floats per row): in NCHW each [BLOCK_D]
+vector is replicated over the threads that share a pixel row. All arithmetic
 is float32 whatever the feature dtype.
 
-Block sizes (``_common.feature_blocks``): BLOCK_D = next_pow2(d), 16 warps
-for the benchmark shapes. channels_last: BLOCK_N = 16384 / BLOCK_D (d=1024
--> 16 pixels, d=2048 -> 8), each pixel a contiguous 4-8 KiB run. NCHW: one
-16-byte vector per channel row and thread (d=2048 fp32: 4 pixels, bf16: 8;
-d=1024: 8 pixels, two threads per row), the vector width proven from the row
-alignment (14x14 rows are 16-byte aligned though 196 is no multiple of 16).
-ptxas for sm_90 reports 98-128 registers and no spills (<= 16 bytes in two
-cosine variants) for d in {1024, 2048} x {14x14, 28x28} x {fp32, bf16} x
-{NCHW, channels_last}. num_stages=1: nothing to software-pipeline (no
-tl.dot) and a tile's loads (32-64 KiB in flight per program) already cover
-an SM's share of HBM bandwidth once B >= #SMs.
+sigma = "auto" (SPEC.md "Op 2 extensions"): Delta_i = (v_fg - v_bg) . f_i
+with the initial centroids and the features as the E-step sees them
+(normalised in cosine mode), staged per pixel; then mu = mean Delta,
+s = sqrt(mean (Delta - mu)^2) (two sweeps: no cancellation),
+sigma = s / 2; s <= 1e-6 * max |Delta| drops the similarity term (1/sigma = 0,
+so Z = a) and reports sigma = +inf. ``sigma_used`` gets the sigma of every row.
 
-One program per image leaves SMs idle when B < #SMs (batch 1 uses one SM).
-The alternative (split each image's pixels over several programs and reduce
-the M-step sums across them) needs a grid-wide sync per EM iteration or one
-launch per iteration; it is the thing to measure against this kernel at
-batch 1 on a GPU. triton.autotune is not used: under TRITON_INTERPRET=1 it
-would run every config on CPU (slow CI), and the choice above is set by the
-register budget, checked with ptxas, rather than by timing.
+Block sizes (``_common.feature_blocks``, issue 11): sized by registers and
+bytes, not by a fixed element count. BLOCK_D = next_pow2(d); BLOCK_N the
+largest power of 2 with the tile at <= 32 float32 registers per thread and
+the 3 x KB row vectors at <= 48, and in NCHW at least one whole 16-byte
+vector per channel row (the old fixed 8192-element NCHW tile gave bf16
+d=2048 4 pixels = 8-byte loads; now 8 pixels = 16 bytes). Pipelining: the
+next tile's loads are issued into registers before the current tile is
+reduced (PREFETCH; Triton 3.9's num_stages pipeliner only stages loads that
+feed tl.dot, and gave identical PTX with num_stages=3: no cp.async).
+
+Compile-time figures (sm_90, Triton 3.9, ptxas -v via
+``scripts/triton_sm90.py``; no GPU here, so no timings): see the table at
+the end of this docstring.
+
+Not done (issue 11 section 3): splitting one image over several programs
+when B < #SMs. Batch 1 runs ceil(K/4) programs, i.e. uses one or two SMs of
+132. The design this kernel leaves room for: a grid over (image, pixel chunk)
+whose programs write per-chunk M-step partial sums [P, KB, 2, d] to a
+workspace, reduced in a fixed order by a second launch per EM iteration
+(deterministic, 2T launches), since Triton has no safe grid-wide barrier.
+It is the thing to time against this kernel at B = 1 on a GPU.
+triton.autotune is not used: under TRITON_INTERPRET=1 it would run every
+config on CPU (slow CI), and the choice above is set by the register budget
+checked with ptxas.
 
 Very large d (beyond ~8192) still computes correctly but the resident
 d-vectors spill registers; SPEC.md's shapes are all d <= 2048.
@@ -63,12 +83,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import channel_mask, feature_blocks, image_base, inv_norm, line_block, load_tile, sigmoid_pair
+from ._common import (
+    channel_mask, device_fn, feature_blocks, image_base, inv_norm, line_block, load_raw, sigmoid_pair,
+)
 
 # How many EM rows (classes of one image) one program carries; more rows go to
 # more programs of the same image (grid axis 1), each reading the image once
 # per pass. Bounded by the [KB, BLOCK_D] vectors a pass keeps in registers.
 KB_MAX = 4
+# Software pipelining of the tile loop (see the module doc): Triton 3.9's
+# num_stages pipeliner only stages loads that feed tl.dot, so the next tile is
+# loaded by hand into registers while the current one is reduced.
+PREFETCH = True
 
 # Sweep modes: what one pass over an image's features computes for its KB rows.
 _CAM = 0    # nothing but the CAM (DO_CAM): lo, hi, CAM staged in OUT
@@ -78,7 +104,7 @@ _EM = 3     # E-step + M-step: posteriors, their masses and weighted sums
 _LAST = 4   # last E-step: logits staged in ZOUT
 
 
-@triton.jit
+@device_fn
 def _log_ratio(a_fg, a_bg):
     """log a_fg - log a_bg (common.h logit_bias); log 0 = -inf (NaN stays NaN),
     spelt out so the interpreter's numpy does not warn about it."""
@@ -87,30 +113,31 @@ def _log_ratio(a_fg, a_bg):
     return lf - lb
 
 
-@triton.jit
+@device_fn
 def _rows_dot(f, w2):
     """[KB, BLOCK_N]: w2[k] . f_i for every row k and pixel i of the tile."""
     return tl.sum(w2[:, :, None] * f[None, :, :], axis=1)
 
 
-@triton.jit
+@device_fn
 def _rows_wsum(f, z):
     """[KB, BLOCK_D]: sum_i z[k, i] f_i for every row k."""
     return tl.sum(f[None, :, :] * z[:, None, :], axis=2)
 
 
-@triton.jit
+@device_fn
 def _cos_normalize(v):
     """Each row of v [KB, BLOCK_D] divided by max(||row||, eps)."""
     return v * inv_norm(tl.sum(v * v, axis=1))[:, None]
 
 
-@triton.jit
+@device_fn
 def _sweep(
     fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
     w2, bias, wc, camrows, orows, zrows, lo, hi, ratio,
     MODE: tl.constexpr, DO_CAM: tl.constexpr, CAM_STAGED: tl.constexpr, COSINE: tl.constexpr,
     KB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, VEC_D: tl.constexpr, VEC_N: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """One pass over the image's features for its KB rows (see the module doc).
 
@@ -125,8 +152,16 @@ def _sweep(
     hi_v = tl.full([KB, BLOCK_N], float("-inf"), tl.float32)
     if MODE == 1:
         thr = ratio * (hi - lo)
+    if PREFETCH:
+        nxt = load_raw(fb, stride_d, stride_n, offs_d, dmask, 0, N, BLOCK_N, VEC_D, VEC_N)
     for n0 in range(0, N, BLOCK_N):
-        f, offs_n, nmask = load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N)
+        if PREFETCH:  # software pipelining: tile n+1's loads are in flight during tile n's math
+            f = nxt.to(tl.float32)
+            nxt = load_raw(fb, stride_d, stride_n, offs_d, dmask, n0 + BLOCK_N, N, BLOCK_N, VEC_D, VEC_N)
+        else:
+            f = load_raw(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N).to(tl.float32)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
         rmask = kvalid[:, None] & nmask[None, :]
         if DO_CAM:  # Eq. 1 in the kernel: cam_i = W[y] . f_i (raw features, no bias)
             c = _rows_dot(f, wc)
@@ -170,7 +205,7 @@ def _sweep(
     return s1, s2, tl.sum(m1, axis=1), tl.sum(m2, axis=1), lo, hi
 
 
-@triton.jit
+@device_fn
 def _rows_min_max(camrows, N, kvalid, KB: tl.constexpr, BLOCK_P: tl.constexpr):
     """(min, max) [KB] of each given CAM row (SPEC.md's lo and hi)."""
     lo_v = tl.full([KB, BLOCK_P], float("inf"), tl.float32)
@@ -184,7 +219,7 @@ def _rows_min_max(camrows, N, kvalid, KB: tl.constexpr, BLOCK_P: tl.constexpr):
     return tl.min(lo_v, axis=1), tl.max(hi_v, axis=1)
 
 
-@triton.jit
+@device_fn
 def _auto_inv_sigma(zrows, N, kvalid, KB: tl.constexpr, BLOCK_P: tl.constexpr):
     """sigma = "auto" (SPEC.md Op 2 extensions) from the logit gaps staged in
     ZOUT: s = population std of Delta_i, sigma = s / 2; s <= 1e-6 max|Delta|
@@ -214,7 +249,7 @@ def _auto_inv_sigma(zrows, N, kvalid, KB: tl.constexpr, BLOCK_P: tl.constexpr):
     return inv, sig
 
 
-@triton.jit
+@device_fn
 def _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE: tl.constexpr):
     """M-step (Eq. 9) from the pass's sums; mass 0 keeps v. Returns (a_fg, a_bg)."""
     vf = tl.load(fgrows, mask=vmask, other=0.0)
@@ -230,7 +265,7 @@ def _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE: tl.const
     return tl.where(kvalid, mf / N, 0.5), tl.where(kvalid, mb / N, 0.5)  # (rows past K: never stored)
 
 
-@triton.jit
+@device_fn
 def _logit_weight(fgrows, bgrows, vmask, inv_sig):
     """w = (v_fg - v_bg) / sigma per row (common.h logit_weight), from the stored centroids."""
     tl.debug_barrier()  # the centroids were stored by other threads of this program
@@ -248,7 +283,7 @@ def _em_kernel(
     HAS_W: tl.constexpr, HAS_V: tl.constexpr, V_BY_LABEL: tl.constexpr, SIGMA_AUTO: tl.constexpr,
     COSINE: tl.constexpr, KB: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    VEC_D: tl.constexpr, VEC_N: tl.constexpr,
+    VEC_D: tl.constexpr, VEC_N: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kk = tl.program_id(1) * KB + tl.arange(0, KB)  # classes k of image b this program runs
@@ -295,11 +330,11 @@ def _em_kernel(
         if HAS_W:
             _a, _b, _c, _d, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                             zero_v, zero_k, wc, camrows, orows, zrows, lo, hi, ratio,
-                                            0, True, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N)
+                                            0, True, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
             tl.debug_barrier()  # the staged CAM is read back by other threads
         s1, s2, c_fg, c_bg, _e, _f = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                             zero_v, zero_k, wc, camrows, orows, zrows, lo, hi, ratio,
-                                            1, False, HAS_W, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N)
+                                            1, False, HAS_W, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
         vf = s1 / tl.maximum(c_fg, 1.0)[:, None]
         vb = s2 / tl.maximum(c_bg, 1.0)[:, None]
     if COSINE:
@@ -315,7 +350,7 @@ def _em_kernel(
     if SIGMA_AUTO:
         _g, _h, _i, _j, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                         vf - vb, zero_k, wc, camrows, orows, zrows, lo, hi, ratio,
-                                        2, HAS_W and HAS_V, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N)
+                                        2, HAS_W and HAS_V, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
         tl.debug_barrier()  # the staged gaps are read by other threads
         inv_sig, sig_used = _auto_inv_sigma(zrows, N, kvalid, KB, BLOCK_P)
     else:
@@ -330,7 +365,7 @@ def _em_kernel(
             w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig)
             s1, s2, mf, mb, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                             w2, _log_ratio(a_fg, a_bg), wc, camrows, orows, zrows, lo, hi, ratio,
-                                            3, True, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N)
+                                            3, True, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
             a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE)
             t0 += 1
     # The remaining E-step + M-step iterations, one pass over F each.
@@ -338,7 +373,7 @@ def _em_kernel(
         w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig)
         s1, s2, mf, mb, _k, _l = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                         w2, _log_ratio(a_fg, a_bg), wc, camrows, orows, zrows, lo, hi, ratio,
-                                        3, False, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N)
+                                        3, False, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
         a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE)
 
     # Last E-step: logits staged in ZOUT (and the CAM in OUT when T = 1 with W and tables).
@@ -348,15 +383,15 @@ def _em_kernel(
         if T == 1:
             _m, _n, _o, _p, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                             w2, bias, wc, camrows, orows, zrows, lo, hi, ratio,
-                                            4, True, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N)
+                                            4, True, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
         else:
             _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                    w2, bias, wc, camrows, orows, zrows, lo, hi, ratio,
-                   4, False, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N)
+                   4, False, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
     else:
         _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                w2, bias, wc, camrows, orows, zrows, lo, hi, ratio,
-               4, False, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N)
+               4, False, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
     tl.debug_barrier()  # logits (and CAM) were staged by other threads
 
     # Calibration (Eqs. 10-11) over the CAM-foreground pixels, then Eq. 12:
@@ -395,7 +430,7 @@ def launch_config(f3, K: int) -> dict:
     """Rows per program (KB), the grid and the block sizes for f3 [B, d, N] with K rows per image."""
     kb = min(int(triton.next_power_of_2(max(int(K), 1))), KB_MAX)
     blocks = feature_blocks(f3, kb)
-    return dict(KB=kb, groups=triton.cdiv(int(K), kb), **blocks)
+    return dict(KB=kb, groups=triton.cdiv(int(K), kb), PREFETCH=PREFETCH, **blocks)
 
 
 def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label,
