@@ -20,27 +20,48 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import INTERPRET
+
+
+def device_fn(fn):
+    """``@triton.jit`` for a device function (one a kernel calls). Under
+    TRITON_INTERPRET=1 the plain Python function is kept instead: the
+    interpreter runs the kernel as Python with triton.language already
+    patched, and Triton 3.9's interpreter re-patches the whole language
+    module (inspect.getmembers over it) on every call of a jitted device
+    function, ~15 ms each, which made a small test call take seconds. Only
+    the interpreter path changes; compiled kernels are the same."""
+    return fn if INTERPRET else triton.jit(fn)
+
+
 EPS = 1e-12  # SPEC.md cosine eps (common.h kEps)
 
-# Block sizes. A tile [BLOCK_D, BLOCK_N] holds every channel of BLOCK_N pixels.
-# Triton lays a tile out with its threads along the unit-stride axis first, so:
-#   channels_last (unit stride over d): threads run along d, the [BLOCK_D]
-#     vectors the loops carry (centroid difference, two M-step sums) have one
-#     copy per element, and BLOCK_N pixels sit in each thread's registers:
-#     TILE_CL = 16384 elements (32 per thread with 16 warps; d=2048 -> 8 pixels;
-#     TILE_NCHW when d allows no vector, e.g. d=37, which spills otherwise).
-#   NCHW (unit stride over N): a pixel row is shared by BLOCK_N / VEC_N threads
-#     and each [BLOCK_D] vector is replicated that many times, so BLOCK_N is
-#     kept at a few vectors: one thread per row segment for d >= 1024 (fp32
-#     d=2048: 4 pixels = 16 bytes, bf16: 8 pixels), more for smaller d, within
-#     TILE_NCHW = 8192 elements. VEC_N is the widest vector the row alignment
-#     allows; the kernels restate strides as (x // VEC) * VEC so Triton can use
-#     it (it only specialises divisibility by 16, and 14x14 = 196 is not, though
-#     196 fp32 rows are 16-byte aligned).
-# ptxas (sm_90, Triton 3.9) reports no spills for these at the benchmark shapes.
-TILE_CL = 16384
-TILE_NCHW = 8192
-REPLICAS = 4096  # NCHW: BLOCK_D * (threads per pixel row) <= this
+# Block sizes (issue 11: sized by the registers they cost and the bytes they
+# load, not by a fixed element count). A tile [BLOCK_D, BLOCK_N] holds every
+# channel of BLOCK_N pixels and is converted to float32 in registers, so its
+# register cost is BLOCK_D * BLOCK_N / threads whatever the dtype; what it
+# loads is that times the element size. Beside the tile a pass carries
+# VEC_ROWS [BLOCK_D] vectors per EM row (the logit weight and the two M-step
+# sums), for KB rows at once. Triton lays a tile out with its threads along
+# the unit-stride axis first, so:
+#   channels_last (unit stride over d): threads run along d and every
+#     [BLOCK_D] vector has one copy per element; BLOCK_N pixels sit in each
+#     thread's registers.
+#   NCHW (unit stride over N): a pixel row is shared by BLOCK_N / VEC_N
+#     threads and each [BLOCK_D] vector is replicated that many times.
+# The rule (feature_blocks): BLOCK_N is the largest power of 2 <= N such that
+#   tile registers    BLOCK_D * BLOCK_N / threads        <= TILE_REGS
+#   vector registers  VEC_ROWS * KB * BLOCK_D * replicas / threads <= VEC_REGS
+# and, in NCHW, BLOCK_N >= VEC_N where the vector budget allows, so each
+# channel row is read as whole 16-byte vectors (the old fixed 8192-element
+# NCHW tile gave bf16 d=2048 4 pixels = 8-byte loads). VEC_N / VEC_D is the
+# widest vector the row alignment allows; the kernels restate strides as
+# (x // VEC) * VEC so Triton can use it (it only specialises divisibility by
+# 16, and 14x14 = 196 is not, though 196 fp32 rows are 16-byte aligned).
+# Measured register/spill figures at sm_90 are in em.py's docstring.
+TILE_REGS = 32
+VEC_REGS = 48
+VEC_ROWS = 3
 MIN_BLOCK = 16  # keeps every arange/reduction at least 16 wide (d=1, 1x1 maps)
 
 
@@ -64,21 +85,33 @@ def _vec(f3, along: int) -> int:
     return 1
 
 
-def feature_blocks(f3) -> dict:
-    """Launch parameters for a whole-d-resident [d, N] tile loop over f3 [B, d, N]:
-    BLOCK_D, BLOCK_N, VEC_D, VEC_N (constexpr) and num_warps."""
+def feature_blocks(f3, kb: int = 1) -> dict:
+    """Launch parameters for a whole-d-resident [d, N] tile loop over f3 [B, d, N]
+    carrying ``kb`` EM rows: BLOCK_D, BLOCK_N, VEC_D, VEC_N (constexpr) and num_warps."""
     B, d, N = f3.shape
     block_d = max(MIN_BLOCK, next_pow2(d))
     n_cap = max(MIN_BLOCK, next_pow2(N))
-    if f3.stride(2) != 1:  # channels_last: unit stride over d (ops.feature_view)
-        vec_d, vec_n = _vec(f3, 1), 1
-        block_n = min(n_cap, max(2, (TILE_CL if vec_d > 1 else TILE_NCHW) // block_d))
-    else:
-        vec_d, vec_n = 1, _vec(f3, 2)
-        threads_per_row = max(1, REPLICAS // block_d)
-        block_n = min(n_cap, max(2, min(TILE_NCHW // block_d, vec_n * threads_per_row)))
+    cl = f3.stride(2) != 1  # channels_last: unit stride over d (ops.feature_view)
+    vec_d, vec_n = (_vec(f3, 1), 1) if cl else (1, _vec(f3, 2))
+    num_warps = 16 if block_d >= 512 else 8 if block_d >= 128 else 4
+    threads = 32 * num_warps
+
+    def cost(bn):
+        replicas = 1 if cl else max(1, min(bn // vec_n, threads))
+        return block_d * bn / threads, VEC_ROWS * kb * block_d * replicas / threads
+
+    block_n = 2
+    while block_n * 2 <= n_cap:
+        tile_r, vec_r = cost(block_n * 2)
+        if tile_r > TILE_REGS or vec_r > VEC_REGS:
+            break
+        block_n *= 2
+    if not cl and block_n < vec_n <= n_cap and cost(vec_n)[0] <= 2 * TILE_REGS:
+        block_n = vec_n  # whole 16-byte vectors per channel row
+    block_n = min(block_n, n_cap)
     tile = block_d * block_n
-    num_warps = 16 if tile >= 8192 else 8 if tile >= 2048 else 4
+    if tile < 2048:  # small problems: fewer warps, no idle lanes
+        num_warps = 4 if tile < 1024 else min(num_warps, 8)
     return dict(BLOCK_D=block_d, BLOCK_N=block_n, VEC_D=vec_d, VEC_N=vec_n, num_warps=num_warps)
 
 
@@ -87,42 +120,56 @@ def line_block(n: int, cap: int = 1024) -> int:
     return max(MIN_BLOCK, min(next_pow2(n), cap))
 
 
-@triton.jit
+@device_fn
 def image_base(F, b, stride_b, VEC: tl.constexpr):
     """Start of image b; the stride is restated as a multiple of VEC (true by
     construction in feature_blocks) so vectorised loads stay provably aligned."""
     return F + b * ((stride_b // VEC) * VEC)
 
 
-@triton.jit
-def load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N: tl.constexpr,
-              VEC_D: tl.constexpr, VEC_N: tl.constexpr):
-    """F[:, n0:n0+BLOCK_N] of one image as float32 [BLOCK_D, BLOCK_N]; masked
-    channels and pixels read as 0. Returns (tile, pixel offsets, pixel mask)."""
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    nmask = offs_n < N
+@device_fn
+def load_raw(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N: tl.constexpr,
+             VEC_D: tl.constexpr, VEC_N: tl.constexpr):
+    """F[:, n0:n0+BLOCK_N] of one image [BLOCK_D, BLOCK_N] in the feature dtype;
+    masked channels and pixels (all of them when n0 >= N: no memory access) read as 0.
+
+    Offsets inside the image are int64 (issue 11): d * N, or a stride times a
+    pixel index, may exceed 2^31 (d=2048 at 1024x1024). The unit stride is a
+    compile-time 1 (Triton specialises it), so only the other axis pays for
+    the 64-bit multiply, and its [BLOCK_D] or scalar part is loop-invariant."""
+    offs_t = tl.arange(0, BLOCK_N)
+    offs_n = n0 + offs_t
     # alignment hints (no-ops numerically, see feature_blocks)
     sd = (stride_d // VEC_N) * VEC_N
     sn = (stride_n // VEC_D) * VEC_D
     lmask = (offs_n < (N // VEC_N) * VEC_N)[None, :] & dmask[:, None]
-    ptrs = fb + offs_d[:, None] * sd + offs_n[None, :] * sn
-    f = tl.load(ptrs, mask=lmask, other=0.0).to(tl.float32)
-    return f, offs_n, nmask
+    base = fb + (tl.full([], 0, tl.int64) + n0) * sn  # int64 * stride: 64-bit products
+    ptrs = base + offs_d.to(tl.int64)[:, None] * sd + offs_t.to(tl.int64)[None, :] * sn
+    return tl.load(ptrs, mask=lmask, other=0.0)
 
 
-@triton.jit
+@device_fn
+def load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N: tl.constexpr,
+              VEC_D: tl.constexpr, VEC_N: tl.constexpr):
+    """load_raw as float32, with (tile, pixel offsets, pixel mask)."""
+    f = load_raw(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N).to(tl.float32)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    return f, offs_n, offs_n < N
+
+
+@device_fn
 def channel_mask(offs_d, d, VEC_D: tl.constexpr):
     """offs_d < d, written so that Triton sees d as a multiple of VEC_D."""
     return offs_d < (d // VEC_D) * VEC_D
 
 
-@triton.jit
+@device_fn
 def inv_norm(sumsq):
     """1 / max(||x||, eps) from the sum of squares (common.h inv_norm)."""
     return 1.0 / tl.maximum(tl.sqrt_rn(sumsq), 1e-12)
 
 
-@triton.jit
+@device_fn
 def sigmoid_pair(x):
     """(sigmoid(x), sigmoid(-x)) with one exp and no cancellation (common.h
     sigmoid): t = exp(-|x|) <= 1, so 1/(1+t) and t/(1+t) are both exact-ish.
@@ -133,7 +180,7 @@ def sigmoid_pair(x):
     return tl.where(x >= 0, r, p), tl.where(x > 0, p, r)
 
 
-@triton.jit
+@device_fn
 def row_min_max(ptr, N, BLOCK: tl.constexpr):
     """(min, max) of the float32 row ptr[0:N] (SPEC.md's lo and hi)."""
     lo_v = tl.full([BLOCK], float("inf"), tl.float32)
@@ -147,7 +194,7 @@ def row_min_max(ptr, N, BLOCK: tl.constexpr):
     return tl.min(lo_v, axis=0), tl.max(hi_v, axis=0)
 
 
-@triton.jit
+@device_fn
 def sample_stats(
     fb, stride_d, stride_n, camb, W, y, d, N, ratio, offs_d, dmask,
     HAS_W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,

@@ -51,11 +51,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import channel_mask, feature_blocks, image_base, line_block, next_pow2, sample_stats
+from ._common import channel_mask, device_fn, feature_blocks, image_base, line_block, next_pow2, sample_stats
 from .em import _device_of
 
 
-@triton.jit
+@device_fn
 def _class_span(LABELS, y, lo, hi, BLOCK_B: tl.constexpr):
     """(first index j in [lo, hi) with LABELS[j] == y, or hi; number of such j)."""
     first_v = tl.full([BLOCK_B], hi, tl.int32)
@@ -69,7 +69,7 @@ def _class_span(LABELS, y, lo, hi, BLOCK_B: tl.constexpr):
     return tl.min(first_v, axis=0), tl.sum(cnt_v, axis=0)
 
 
-@triton.jit
+@device_fn
 def _apply_class(FG, BG, MEANS, NONEMPTY, LABELS, y, first, B, d, lam,
                  BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
     """SPEC.md's sequential update for class y: every j >= first with
@@ -189,9 +189,30 @@ def context_apply(fg, bg, means, nonempty, labels, momentum) -> None:
         )
 
 
+def _overlaps(a, b) -> bool:
+    """Whether tensors a and b may share memory (their storages' byte spans intersect)."""
+    if a is None or b is None:
+        return False
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    a0, b0 = sa.data_ptr(), sb.data_ptr()
+    return a0 < b0 + sb.nbytes() and b0 < a0 + sa.nbytes()
+
+
 def context_update(fg, bg, f3, labels, cam, weight, ratio, momentum, means, nonempty) -> None:
     """The fused op: statistics and the sequential update in one launch
-    (``means``/``nonempty`` are the O(B*d) workspace for repeated labels)."""
+    (``means``/``nonempty`` are the O(B*d) workspace for repeated labels).
+
+    Aliasing (issue 11): in the fused launch a program may update a table row
+    while another program still reads its features, CAM or classifier weight,
+    so when any of those shares memory with the tables being updated the
+    update runs as two launches instead, statistics of every sample first,
+    then the update (read before write; the result is SPEC.md's, computed
+    from the inputs as they were before the call). ops.py rejects such
+    overlaps for the public API; this keeps a direct call correct too."""
     if f3.shape[0] == 0:
+        return
+    if any(_overlaps(x, t) for x in (f3, cam, weight) for t in (fg, bg)):
+        context_stats(f3, labels, cam, weight, ratio, means, nonempty)
+        context_apply(fg, bg, means, nonempty, labels, momentum)
         return
     _launch_context(f3, labels, cam, weight, ratio, means, nonempty, fg, bg, momentum, fused=True)

@@ -1,73 +1,110 @@
-"""EM re-activation (SPEC.md Op 2) as one Triton kernel launch per call.
+"""EM re-activation (SPEC.md Op 2 and its issue-12 extensions) as one Triton
+kernel launch per call.
 
 Design
 ------
-Grid ``(B,)``: one program per image, which owns everything about that image
-(its CAM statistics, both centroids, the mixing weights, the calibration), so
-nothing crosses programs and there is no host round trip, no ``.item()`` and
-no per-image Python loop.
+Rows: r = b*K + k is image b re-activating class k of its K classes (the
+backend contract, csrc/kernels.h EMParams). Grid ``(B, ceil(K / KB))``:
+program (b, g) owns rows b*K + g*KB ... + KB-1 of image b, KB = min(next_pow2(K),
+KB_MAX = 4), and everything about them (CAM statistics, centroids, mixing
+weights, sigma, calibration), so nothing crosses programs: no host round
+trip, no ``.item()``, no per-image Python loop, deterministic.
 
-Inside a program, every loop over the features walks pixel tiles of the
-image's [d, N] matrix; a tile holds *all* d channels of BLOCK_N pixels
-(``_common.feature_blocks``). With the whole channel axis in registers the
-logit of a pixel (a dot product over d) is complete inside the tile, so the
-posterior it gives weights the same registers for the M-step sums at once:
+Every pass over the features walks pixel tiles of the image's [d, N] matrix;
+a tile holds *all* d channels of BLOCK_N pixels (``_common.feature_blocks``),
+so the dot products of a pixel with the KB rows' vectors (logits [KB,
+BLOCK_N], the in-kernel CAM) are complete inside the tile, and the posteriors
+they give weight the same registers at once for the KB rows' M-step sums
+([KB, BLOCK_D] each). **One pass reads the tile once for all KB rows**; K <= 4
+classes (top-1..top-4) are therefore read once per pass, K = 5..8 by two
+programs of the same image (each reading it once per pass, concurrently, so
+the second read mostly hits L2). Passes over F per call (T = num_iters):
 
-    pass over the CAM row        lo, hi, threshold                (N floats)
-    [training-free] 1 pass on F  CAM-masked fg/bg means -> v_fg, v_bg
-    T-1 passes on F              E-step + M-step fused: logits, Z, sum Z,
-                                 sum Z f (and ||f_i|| in cosine mode, from the
-                                 same tile, so normalised features are never
-                                 stored)
-    1 pass on F                  last E-step: Z_fg -> z_fg output, Z_bg ->
-                                 ``out`` (staging), calibration sums over the
-                                 CAM-fg pixels
-    pass over the N outputs      out = (picked ? Z_fg : Z_bg) + normalised CAM
+    given CAM, tables/per-row centroids     T          (E+M fused; last E-step)
+    + training-free init                    T + 1      (CAM-masked means)
+    classifier weight W, tables             T          (the CAM W[y].f_i rides
+                                                        on the first E-step pass)
+    W, training-free                        T + 2      (CAM pass: lo/hi are needed
+                                                        before the masked means)
+    sigma = "auto"                          +1         (the gaps of the initial
+                                                        centroids; with W and tables
+                                                        the CAM rides on it)
 
-So F is read T times (T+1 training-free), the minimum for T E-steps. Only
-w = (v_fg - v_bg)/sigma and the two M-step sums are [BLOCK_D] vectors live
-during a pass; the centroids themselves wait in the fg_out/bg_out outputs
-between M-steps (re-read once per iteration, d floats), because in NCHW each
-[BLOCK_D] vector is replicated over the threads that share a pixel row and
-registers are the limit. A scalar pair carries (a_fg, a_bg). All arithmetic
+plus sweeps over N floats per row (CAM min/max when given, the two auto-sigma
+statistics, calibration, Eq. 12) that read the staged rows, not F. Staging:
+the last E-step stores its logits in ``z_fg`` (and the in-kernel CAM is stored
+in ``out``), then the calibration sweep and the Eq. 12 sweep turn them into
+Z_fg and the output in place; the logit gaps for sigma = "auto" are staged
+in ``z_fg`` too. The centroids wait in the fg/bg outputs between M-steps
+(re-read once per iteration, d floats per row): in NCHW each [BLOCK_D]
+vector is replicated over the threads that share a pixel row. All arithmetic
 is float32 whatever the feature dtype.
 
-Block sizes (``_common.feature_blocks``): BLOCK_D = next_pow2(d), 16 warps
-for the benchmark shapes. channels_last: BLOCK_N = 16384 / BLOCK_D (d=1024
--> 16 pixels, d=2048 -> 8), each pixel a contiguous 4-8 KiB run. NCHW: one
-16-byte vector per channel row and thread (d=2048 fp32: 4 pixels, bf16: 8;
-d=1024: 8 pixels, two threads per row), the vector width proven from the row
-alignment (14x14 rows are 16-byte aligned though 196 is no multiple of 16).
-ptxas for sm_90 reports 98-128 registers and no spills (<= 16 bytes in two
-cosine variants) for d in {1024, 2048} x {14x14, 28x28} x {fp32, bf16} x
-{NCHW, channels_last}. num_stages=1: nothing to software-pipeline (no
-tl.dot) and a tile's loads (32-64 KiB in flight per program) already cover
-an SM's share of HBM bandwidth once B >= #SMs.
+sigma = "auto" (SPEC.md "Op 2 extensions"): Delta_i = (v_fg - v_bg) . f_i
+with the initial centroids and the features as the E-step sees them
+(normalised in cosine mode), staged per pixel; then mu = mean Delta,
+s = sqrt(mean (Delta - mu)^2) (two sweeps: no cancellation),
+sigma = s / 2; s <= 1e-6 * max |Delta| drops the similarity term (1/sigma = 0,
+so Z = a) and reports sigma = +inf. ``sigma_used`` gets the sigma of every row.
 
-One program per image leaves SMs idle when B < #SMs (batch 1 uses one SM).
-The alternative (split each image's pixels over several programs and reduce
-the M-step sums across them) needs a grid-wide sync per EM iteration or one
-launch per iteration; it is the thing to measure against this kernel at
-batch 1 on a GPU. triton.autotune is not used: under TRITON_INTERPRET=1 it
-would run every config on CPU (slow CI), and the choice above is set by the
-register budget, checked with ptxas, rather than by timing.
+Block sizes (``_common.feature_blocks``, issue 11): sized by registers and
+bytes, not by a fixed element count. BLOCK_D = next_pow2(d); BLOCK_N the
+largest power of 2 with the tile at <= 32 float32 registers per thread and
+the 3 x KB row vectors at <= 48, and in NCHW at least one whole 16-byte
+vector per channel row (the old fixed 8192-element NCHW tile gave bf16
+d=2048 4 pixels = 8-byte loads; now 8 pixels = 16 bytes). Pipelining: the
+next tile's loads are issued into registers before the current tile is
+reduced (PREFETCH; Triton 3.9's num_stages pipeliner only stages loads that
+feed tl.dot, and gave identical PTX with num_stages=3: no cp.async).
+
+Compile-time figures (sm_90, Triton 3.9, ptxas -v via
+``scripts/triton_sm90.py``; no GPU here, so no timings): see the table at
+the end of this docstring.
+
+Not done (issue 11 section 3): splitting one image over several programs
+when B < #SMs. Batch 1 runs ceil(K/4) programs, i.e. uses one or two SMs of
+132. The design this kernel leaves room for: a grid over (image, pixel chunk)
+whose programs write per-chunk M-step partial sums [P, KB, 2, d] to a
+workspace, reduced in a fixed order by a second launch per EM iteration
+(deterministic, 2T launches), since Triton has no safe grid-wide barrier.
+It is the thing to time against this kernel at B = 1 on a GPU.
+triton.autotune is not used: under TRITON_INTERPRET=1 it would run every
+config on CPU (slow CI), and the choice above is set by the register budget
+checked with ptxas.
 
 Very large d (beyond ~8192) still computes correctly but the resident
 d-vectors spill registers; SPEC.md's shapes are all d <= 2048.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from ._common import (
-    channel_mask, feature_blocks, image_base, inv_norm, line_block, load_tile, row_min_max, sample_stats,
-    sigmoid_pair,
+    channel_mask, device_fn, feature_blocks, image_base, inv_norm, line_block, load_raw, sigmoid_pair,
 )
 
+# How many EM rows (classes of one image) one program carries; more rows go to
+# more programs of the same image (grid axis 1), each reading the image once
+# per pass. Bounded by the [KB, BLOCK_D] vectors a pass keeps in registers.
+KB_MAX = 4
+# Software pipelining of the tile loop (see the module doc): Triton 3.9's
+# num_stages pipeliner only stages loads that feed tl.dot, so the next tile is
+# loaded by hand into registers while the current one is reduced.
+PREFETCH = True
 
-@triton.jit
+# Sweep modes: what one pass over an image's features computes for its KB rows.
+_CAM = 0    # nothing but the CAM (DO_CAM): lo, hi, CAM staged in OUT
+_STATS = 1  # CAM-masked fg/bg sums and counts (training-free init)
+_DELTA = 2  # logit gaps (v_fg - v_bg) . f_i staged in ZOUT (sigma = "auto")
+_EM = 3     # E-step + M-step: posteriors, their masses and weighted sums
+_LAST = 4   # last E-step: logits staged in ZOUT
+
+
+@device_fn
 def _log_ratio(a_fg, a_bg):
     """log a_fg - log a_bg (common.h logit_bias); log 0 = -inf (NaN stays NaN),
     spelt out so the interpreter's numpy does not warn about it."""
@@ -76,167 +113,359 @@ def _log_ratio(a_fg, a_bg):
     return lf - lb
 
 
-@triton.jit
-def _logit_weight(fgout, bgout, dmask, inv_sigma):
-    """w = (v_fg - v_bg) / sigma (common.h logit_weight), from the stored centroids."""
-    vf = tl.load(fgout, mask=dmask, other=0.0)
-    vb = tl.load(bgout, mask=dmask, other=0.0)
-    return (vf - vb) * inv_sigma
+@device_fn
+def _rows_dot(f, w2):
+    """[KB, BLOCK_N]: w2[k] . f_i for every row k and pixel i of the tile."""
+    return tl.sum(w2[:, :, None] * f[None, :, :], axis=1)
 
 
-@triton.jit
-def _tile_logits(f, w, bias, COSINE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """E-step logits of a tile: bias + g_i * (w . f_i), and g_i (1/||f_i|| for cosine, else 1)."""
-    x = tl.sum(f * w[:, None], axis=0)
+@device_fn
+def _rows_wsum(f, z):
+    """[KB, BLOCK_D]: sum_i z[k, i] f_i for every row k."""
+    return tl.sum(f[None, :, :] * z[:, None, :], axis=2)
+
+
+@device_fn
+def _cos_normalize(v):
+    """Each row of v [KB, BLOCK_D] divided by max(||row||, eps)."""
+    return v * inv_norm(tl.sum(v * v, axis=1))[:, None]
+
+
+@device_fn
+def _sweep(
+    fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
+    w2, bias, wc, camrows, orows, zrows, lo, hi, ratio,
+    MODE: tl.constexpr, DO_CAM: tl.constexpr, CAM_STAGED: tl.constexpr, COSINE: tl.constexpr,
+    KB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, VEC_D: tl.constexpr, VEC_N: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """One pass over the image's features for its KB rows (see the module doc).
+
+    Returns (s1, s2 [KB, BLOCK_D], m1, m2 [KB], lo, hi [KB]): the M-step or
+    masked sums and their masses (zeros where MODE has none), and the CAM's
+    min/max (computed here when DO_CAM, else the lo/hi given)."""
+    s1 = tl.zeros([KB, BLOCK_D], tl.float32)
+    s2 = tl.zeros([KB, BLOCK_D], tl.float32)
+    m1 = tl.zeros([KB, BLOCK_N], tl.float32)
+    m2 = tl.zeros([KB, BLOCK_N], tl.float32)
+    lo_v = tl.full([KB, BLOCK_N], float("inf"), tl.float32)
+    hi_v = tl.full([KB, BLOCK_N], float("-inf"), tl.float32)
+    if MODE == 1:
+        thr = ratio * (hi - lo)
+    if PREFETCH:
+        nxt = load_raw(fb, stride_d, stride_n, offs_d, dmask, 0, N, BLOCK_N, VEC_D, VEC_N)
+    for n0 in range(0, N, BLOCK_N):
+        if PREFETCH:  # software pipelining: tile n+1's loads are in flight during tile n's math
+            f = nxt.to(tl.float32)
+            nxt = load_raw(fb, stride_d, stride_n, offs_d, dmask, n0 + BLOCK_N, N, BLOCK_N, VEC_D, VEC_N)
+        else:
+            f = load_raw(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N).to(tl.float32)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        rmask = kvalid[:, None] & nmask[None, :]
+        if DO_CAM:  # Eq. 1 in the kernel: cam_i = W[y] . f_i (raw features, no bias)
+            c = _rows_dot(f, wc)
+            lo_v = tl.minimum(lo_v, tl.where(rmask, c, float("inf")))
+            hi_v = tl.maximum(hi_v, tl.where(rmask, c, float("-inf")))
+            tl.store(orows[:, None] + offs_n[None, :], c, mask=rmask)  # staged CAM
+        if MODE == 1:  # _STATS
+            if CAM_STAGED:  # staged by an earlier pass (the caller put a barrier between)
+                c = tl.load(orows[:, None] + offs_n[None, :], mask=rmask, other=0.0)
+            else:
+                c = tl.load(camrows[:, None] + offs_n[None, :], mask=rmask, other=0.0)
+            u = (((c - lo[:, None]) >= thr[:, None]) & rmask).to(tl.float32)
+            ub = tl.where(rmask, 1.0 - u, 0.0)
+            s1 += _rows_wsum(f, u)
+            s2 += _rows_wsum(f, ub)
+            m1 += u
+            m2 += ub
+        elif MODE >= 2:
+            x = _rows_dot(f, w2)
+            if COSINE:  # the E-step sees g_i f_i, g_i = 1/||f_i||, never stored
+                g = inv_norm(tl.sum(f * f, axis=0))
+                x = x * g[None, :]
+            if MODE == 2:  # _DELTA
+                tl.store(zrows[:, None] + offs_n[None, :], x, mask=rmask)
+            elif MODE == 4:  # _LAST
+                tl.store(zrows[:, None] + offs_n[None, :], bias[:, None] + x, mask=rmask)
+            else:  # _EM
+                zf, zb = sigmoid_pair(bias[:, None] + x)
+                zf = tl.where(rmask, zf, 0.0)
+                zb = tl.where(rmask, zb, 0.0)
+                m1 += zf
+                m2 += zb
+                if COSINE:  # M-step on the normalised features g_i f_i
+                    zf = zf * g[None, :]
+                    zb = zb * g[None, :]
+                s1 += _rows_wsum(f, zf)
+                s2 += _rows_wsum(f, zb)
+    if DO_CAM:
+        lo = tl.min(lo_v, axis=1)
+        hi = tl.max(hi_v, axis=1)
+    return s1, s2, tl.sum(m1, axis=1), tl.sum(m2, axis=1), lo, hi
+
+
+@device_fn
+def _rows_min_max(camrows, N, kvalid, KB: tl.constexpr, BLOCK_P: tl.constexpr):
+    """(min, max) [KB] of each given CAM row (SPEC.md's lo and hi)."""
+    lo_v = tl.full([KB, BLOCK_P], float("inf"), tl.float32)
+    hi_v = tl.full([KB, BLOCK_P], float("-inf"), tl.float32)
+    for p0 in range(0, N, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        pm = kvalid[:, None] & (offs < N)[None, :]
+        x = tl.load(camrows[:, None] + offs[None, :], mask=pm, other=0.0)
+        lo_v = tl.minimum(lo_v, tl.where(pm, x, float("inf")))
+        hi_v = tl.maximum(hi_v, tl.where(pm, x, float("-inf")))
+    return tl.min(lo_v, axis=1), tl.max(hi_v, axis=1)
+
+
+@device_fn
+def _auto_inv_sigma(zrows, N, kvalid, KB: tl.constexpr, BLOCK_P: tl.constexpr):
+    """sigma = "auto" (SPEC.md Op 2 extensions) from the logit gaps staged in
+    ZOUT: s = population std of Delta_i, sigma = s / 2; s <= 1e-6 max|Delta|
+    drops the similarity term (1/sigma = 0, sigma reported +inf).
+    Two sweeps (mean, then squared deviations) over N floats per row."""
+    acc = tl.zeros([KB, BLOCK_P], tl.float32)
+    amax = tl.zeros([KB, BLOCK_P], tl.float32)
+    for p0 in range(0, N, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        pm = kvalid[:, None] & (offs < N)[None, :]
+        x = tl.load(zrows[:, None] + offs[None, :], mask=pm, other=0.0)
+        acc += x
+        amax = tl.maximum(amax, tl.abs(x))
+    mu = tl.sum(acc, axis=1) / N
+    big = tl.max(amax, axis=1)
+    acc2 = tl.zeros([KB, BLOCK_P], tl.float32)
+    for p0 in range(0, N, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        pm = kvalid[:, None] & (offs < N)[None, :]
+        x = tl.load(zrows[:, None] + offs[None, :], mask=pm, other=0.0)
+        dev = tl.where(pm, x - mu[:, None], 0.0)
+        acc2 += dev * dev
+    s = tl.sqrt_rn(tl.sum(acc2, axis=1) / N)
+    flat = s <= 1e-6 * big  # NaN stays NaN (comparison False)
+    sig = tl.where(flat, float("inf"), 0.5 * s)
+    inv = tl.where(flat, 0.0, 1.0 / tl.where(flat, 1.0, sig))
+    return inv, sig
+
+
+@device_fn
+def _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE: tl.constexpr):
+    """M-step (Eq. 9) from the pass's sums; mass 0 keeps v. Returns (a_fg, a_bg)."""
+    vf = tl.load(fgrows, mask=vmask, other=0.0)
+    vb = tl.load(bgrows, mask=vmask, other=0.0)
+    vf = tl.where(mf[:, None] > 0, s1 / tl.where(mf > 0, mf, 1.0)[:, None], vf)
+    vb = tl.where(mb[:, None] > 0, s2 / tl.where(mb > 0, mb, 1.0)[:, None], vb)
     if COSINE:
-        g = inv_norm(tl.sum(f * f, axis=0))
-        return bias + g * x, g
-    else:
-        return bias + x, tl.full([BLOCK_N], 1.0, tl.float32)
+        vf = _cos_normalize(vf)
+        vb = _cos_normalize(vb)
+    tl.debug_barrier()  # every thread has read the old centroids
+    tl.store(fgrows, vf, mask=vmask)
+    tl.store(bgrows, vb, mask=vmask)
+    return tl.where(kvalid, mf / N, 0.5), tl.where(kvalid, mb / N, 0.5)  # (rows past K: never stored)
+
+
+@device_fn
+def _logit_weight(fgrows, bgrows, vmask, inv_sig):
+    """w = (v_fg - v_bg) / sigma per row (common.h logit_weight), from the stored centroids."""
+    tl.debug_barrier()  # the centroids were stored by other threads of this program
+    vf = tl.load(fgrows, mask=vmask, other=0.0)
+    vb = tl.load(bgrows, mask=vmask, other=0.0)
+    return (vf - vb) * inv_sig[:, None]
 
 
 @triton.jit
 def _em_kernel(
     F, stride_b, stride_d, stride_n,
-    CAM, VFG, VBG, LABELS,
-    OUT, ZOUT, FGOUT, BGOUT, MIX, PICKED,
-    d, N, T, inv_sigma, ratio,
-    HAS_V: tl.constexpr, HAS_LABELS: tl.constexpr, COSINE: tl.constexpr,
+    CAM, W, VFG, VBG, LABELS,
+    OUT, ZOUT, FGOUT, BGOUT, MIX, PICKED, SIGMA_USED,
+    K, d, N, T, sigma, inv_sigma, ratio,
+    HAS_W: tl.constexpr, HAS_V: tl.constexpr, V_BY_LABEL: tl.constexpr, SIGMA_AUTO: tl.constexpr,
+    COSINE: tl.constexpr, KB: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    VEC_D: tl.constexpr, VEC_N: tl.constexpr,
+    VEC_D: tl.constexpr, VEC_N: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
+    kk = tl.program_id(1) * KB + tl.arange(0, KB)  # classes k of image b this program runs
+    kvalid = kk < K
+    rows = b * K + kk.to(tl.int64)  # row r = b*K + k
     fb = image_base(F, b, stride_b, VEC_D * VEC_N)
-    cam = CAM + b * N
-    out = OUT + b * N
-    zout = ZOUT + b * N
-
-    # CAM statistics: lo, hi and the foreground threshold (SPEC.md helper).
-    lo, hi = row_min_max(cam, N, BLOCK_P)
-    thr = ratio * (hi - lo)
-
     offs_d = tl.arange(0, BLOCK_D)
     dmask = channel_mask(offs_d, d, VEC_D)
+    vmask = kvalid[:, None] & dmask[None, :]
+    orows = OUT + rows * N
+    zrows = ZOUT + rows * N
+    if HAS_W:
+        camrows = orows  # the CAM is computed in a pass and staged in OUT
+    else:
+        camrows = CAM + rows * N
+    fgrows = FGOUT + rows[:, None] * d + offs_d[None, :]
+    bgrows = BGOUT + rows[:, None] * d + offs_d[None, :]
+    if HAS_W or V_BY_LABEL:
+        y = tl.load(LABELS + rows, mask=kvalid, other=0)
+    if HAS_W:
+        wc = tl.load(W + y[:, None] * d + offs_d[None, :], mask=vmask, other=0.0)
+    else:
+        wc = tl.zeros([KB, BLOCK_D], tl.float32)
+    zero_v = tl.zeros([KB, BLOCK_D], tl.float32)
+    zero_k = tl.zeros([KB], tl.float32)
+
+    # CAM statistics: lo, hi (SPEC.md helper). With W they come from the first
+    # pass over F that has to be made anyway (see the module doc).
+    if HAS_W:
+        lo = tl.full([KB], float("inf"), tl.float32)
+        hi = tl.full([KB], float("-inf"), tl.float32)
+    else:
+        lo, hi = _rows_min_max(camrows, N, kvalid, KB, BLOCK_P)
 
     # Initial centroids.
     if HAS_V:
-        if HAS_LABELS:
-            row = tl.load(LABELS + b)
+        if V_BY_LABEL:
+            vrows = y
         else:
-            row = b
-        vf = tl.load(VFG + row * d + offs_d, mask=dmask, other=0.0)
-        vb = tl.load(VBG + row * d + offs_d, mask=dmask, other=0.0)
+            vrows = rows
+        vf = tl.load(VFG + vrows[:, None] * d + offs_d[None, :], mask=vmask, other=0.0)
+        vb = tl.load(VBG + vrows[:, None] * d + offs_d[None, :], mask=vmask, other=0.0)
     else:  # training-free: CAM-masked means of the raw features (0 for an empty mask)
-        vf, vb, c_fg, c_bg = sample_stats(fb, stride_d, stride_n, cam, cam, 0, d, N, ratio, offs_d, dmask,
-                                          False, BLOCK_D, BLOCK_N, BLOCK_P, VEC_D, VEC_N)
+        if HAS_W:
+            _a, _b, _c, _d, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
+                                            zero_v, zero_k, wc, camrows, orows, zrows, lo, hi, ratio,
+                                            0, True, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+            tl.debug_barrier()  # the staged CAM is read back by other threads
+        s1, s2, c_fg, c_bg, _e, _f = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
+                                            zero_v, zero_k, wc, camrows, orows, zrows, lo, hi, ratio,
+                                            1, False, HAS_W, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+        vf = s1 / tl.maximum(c_fg, 1.0)[:, None]
+        vb = s2 / tl.maximum(c_bg, 1.0)[:, None]
     if COSINE:
-        vf = vf * inv_norm(tl.sum(vf * vf, axis=0))
-        vb = vb * inv_norm(tl.sum(vb * vb, axis=0))
+        vf = _cos_normalize(vf)
+        vb = _cos_normalize(vb)
     # The centroids live in the fg/bg outputs between M-steps, not in registers:
     # in NCHW the d-vectors are replicated across the threads of a pixel row,
     # and only w and the two sums need to be live during a pass.
-    fgout = FGOUT + b * d + offs_d
-    bgout = BGOUT + b * d + offs_d
-    tl.store(fgout, vf, mask=dmask)
-    tl.store(bgout, vb, mask=dmask)
+    tl.store(fgrows, vf, mask=vmask)
+    tl.store(bgrows, vb, mask=vmask)
 
-    a_fg = tl.full([], 0.5, tl.float32)
-    a_bg = tl.full([], 0.5, tl.float32)
+    # sigma: given, or "auto" from the initial logit gaps (one more pass).
+    if SIGMA_AUTO:
+        _g, _h, _i, _j, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
+                                        vf - vb, zero_k, wc, camrows, orows, zrows, lo, hi, ratio,
+                                        2, HAS_W and HAS_V, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+        tl.debug_barrier()  # the staged gaps are read by other threads
+        inv_sig, sig_used = _auto_inv_sigma(zrows, N, kvalid, KB, BLOCK_P)
+    else:
+        inv_sig = zero_k + inv_sigma
+        sig_used = zero_k + sigma
 
-    # T-1 iterations of (E-step + M-step), one pass over F each.
-    for t in range(T - 1):
-        tl.debug_barrier()  # the centroids were stored by other replicas of this program
-        w = _logit_weight(fgout, bgout, dmask, inv_sigma)
-        bias = _log_ratio(a_fg, a_bg)
-        s1 = tl.zeros([BLOCK_D], tl.float32)
-        s2 = tl.zeros([BLOCK_D], tl.float32)
-        mass_f = tl.zeros([BLOCK_N], tl.float32)
-        mass_b = tl.zeros([BLOCK_N], tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            f, offs_n, nmask = load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N)
-            logit, g = _tile_logits(f, w, bias, COSINE, BLOCK_N)
-            zf, zb = sigmoid_pair(logit)
-            zf = tl.where(nmask, zf, 0.0)
-            zb = tl.where(nmask, zb, 0.0)
-            mass_f += zf
-            mass_b += zb
-            if COSINE:  # M-step on the normalised features g_i * f_i
-                zf = zf * g
-                zb = zb * g
-            s1 += tl.sum(f * zf[None, :], axis=1)
-            s2 += tl.sum(f * zb[None, :], axis=1)
-        mf = tl.sum(mass_f, axis=0)
-        mb = tl.sum(mass_b, axis=0)
-        vf = tl.load(fgout, mask=dmask, other=0.0)
-        vb = tl.load(bgout, mask=dmask, other=0.0)
-        vf = tl.where(mf > 0, s1 / tl.where(mf > 0, mf, 1.0), vf)  # mass 0 keeps v
-        vb = tl.where(mb > 0, s2 / tl.where(mb > 0, mb, 1.0), vb)
-        if COSINE:
-            vf = vf * inv_norm(tl.sum(vf * vf, axis=0))
-            vb = vb * inv_norm(tl.sum(vb * vb, axis=0))
-        tl.debug_barrier()  # every replica has read the old centroids
-        tl.store(fgout, vf, mask=dmask)
-        tl.store(bgout, vb, mask=dmask)
-        a_fg = mf / N
-        a_bg = mb / N
+    a_fg = zero_k + 0.5
+    a_bg = zero_k + 0.5
+    t0 = tl.zeros([], tl.int32)
+    if HAS_W and HAS_V and not SIGMA_AUTO:  # the CAM rides on the first E-step
+        if T > 1:
+            w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig)
+            s1, s2, mf, mb, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
+                                            w2, _log_ratio(a_fg, a_bg), wc, camrows, orows, zrows, lo, hi, ratio,
+                                            3, True, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+            a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE)
+            t0 += 1
+    # The remaining E-step + M-step iterations, one pass over F each.
+    for _t in range(t0, T - 1):
+        w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig)
+        s1, s2, mf, mb, _k, _l = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
+                                        w2, _log_ratio(a_fg, a_bg), wc, camrows, orows, zrows, lo, hi, ratio,
+                                        3, False, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+        a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE)
 
-    # Last E-step, with the calibration sums over CAM-foreground pixels.
-    tl.debug_barrier()
-    w = _logit_weight(fgout, bgout, dmask, inv_sigma)
+    # Last E-step: logits staged in ZOUT (and the CAM in OUT when T = 1 with W and tables).
+    w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig)
     bias = _log_ratio(a_fg, a_bg)
-    cal_f = tl.zeros([BLOCK_N], tl.float32)
-    cal_b = tl.zeros([BLOCK_N], tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        f, offs_n, nmask = load_tile(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N)
-        logit, g = _tile_logits(f, w, bias, COSINE, BLOCK_N)
-        zf, zb = sigmoid_pair(logit)
-        m = tl.load(cam + offs_n, mask=nmask, other=0.0)
-        fg = ((m - lo) >= thr) & nmask
+    if HAS_W and HAS_V and not SIGMA_AUTO:
+        if T == 1:
+            _m, _n, _o, _p, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
+                                            w2, bias, wc, camrows, orows, zrows, lo, hi, ratio,
+                                            4, True, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+        else:
+            _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
+                   w2, bias, wc, camrows, orows, zrows, lo, hi, ratio,
+                   4, False, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+    else:
+        _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
+               w2, bias, wc, camrows, orows, zrows, lo, hi, ratio,
+               4, False, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+    tl.debug_barrier()  # logits (and CAM) were staged by other threads
+
+    # Calibration (Eqs. 10-11) over the CAM-foreground pixels, then Eq. 12:
+    # two sweeps over N floats per row (the same thread reads and rewrites
+    # each staged element, so the second sweep may overwrite in place).
+    thr = ratio * (hi - lo)
+    cal_f = tl.zeros([KB, BLOCK_P], tl.float32)
+    cal_b = tl.zeros([KB, BLOCK_P], tl.float32)
+    for p0 in range(0, N, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        pm = kvalid[:, None] & (offs < N)[None, :]
+        m = tl.load(camrows[:, None] + offs[None, :], mask=pm, other=0.0)
+        zf, zb = sigmoid_pair(tl.load(zrows[:, None] + offs[None, :], mask=pm, other=0.0))
+        fg = ((m - lo[:, None]) >= thr[:, None]) & pm
         cal_f += tl.where(fg, zf, 0.0)
         cal_b += tl.where(fg, zb, 0.0)
-        tl.store(zout + offs_n, zf, mask=nmask)
-        tl.store(out + offs_n, zb, mask=nmask)  # staged; the pass below finishes it
-    picked = tl.sum(cal_f, axis=0) >= tl.sum(cal_b, axis=0)  # ties pick Z_fg
-
-    # Eq. 12. Other threads of this program wrote the staged values.
-    tl.debug_barrier()
+    picked = tl.sum(cal_f, axis=1) >= tl.sum(cal_b, axis=1)  # ties pick Z_fg
     rng = hi - lo
     safe = tl.where(rng > 0, rng, 1.0)
     for p0 in range(0, N, BLOCK_P):
         offs = p0 + tl.arange(0, BLOCK_P)
-        pm = offs < N
-        m = tl.load(cam + offs, mask=pm, other=0.0)
-        zf = tl.load(zout + offs, mask=pm, other=0.0)
-        zb = tl.load(out + offs, mask=pm, other=0.0)
-        cn = tl.where(rng > 0, (m - lo) / safe, 0.0)
-        tl.store(out + offs, tl.where(picked, zf, zb) + cn, mask=pm)
+        pm = kvalid[:, None] & (offs < N)[None, :]
+        m = tl.load(camrows[:, None] + offs[None, :], mask=pm, other=0.0)
+        zf, zb = sigmoid_pair(tl.load(zrows[:, None] + offs[None, :], mask=pm, other=0.0))
+        cn = tl.where(rng[:, None] > 0, (m - lo[:, None]) / safe[:, None], 0.0)
+        tl.store(zrows[:, None] + offs[None, :], zf, mask=pm)
+        tl.store(orows[:, None] + offs[None, :], tl.where(picked[:, None], zf, zb) + cn, mask=pm)
 
-    tl.store(MIX + 2 * b, a_fg)
-    tl.store(MIX + 2 * b + 1, a_bg)
-    tl.store(PICKED + b, picked.to(tl.uint8))
+    tl.store(MIX + 2 * rows, a_fg, mask=kvalid)
+    tl.store(MIX + 2 * rows + 1, a_bg, mask=kvalid)
+    tl.store(PICKED + rows, picked.to(tl.uint8), mask=kvalid)
+    tl.store(SIGMA_USED + rows, sig_used, mask=kvalid)
 
 
-def em_reactivate(f3, cam, v_fg, v_bg, labels, num_iters, sigma, ratio, cosine, outputs) -> None:
-    """Launch the fused EM kernel (inputs validated and laid out by ops.py).
+def launch_config(f3, K: int) -> dict:
+    """Rows per program (KB), the grid and the block sizes for f3 [B, d, N] with K rows per image."""
+    kb = min(int(triton.next_power_of_2(max(int(K), 1))), KB_MAX)
+    blocks = feature_blocks(f3, kb)
+    return dict(KB=kb, groups=triton.cdiv(int(K), kb), PREFETCH=PREFETCH, **blocks)
 
-    f3: [B, d, N] features with unit stride over N or over d; cam: float32
-    [B, N] contiguous; v_fg/v_bg: float32 [rows, d] contiguous or both None;
-    labels: int64 [B] or None; outputs: (out [B,h,w], z_fg [B,h,w], fg [B,d],
-    bg [B,d], mix [B,2], picked uint8 [B]), every element written."""
-    out, z, fg_out, bg_out, mix, picked = outputs
+
+def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label,
+                  num_iters, sigma, sigma_auto, ratio, cosine, outputs) -> None:
+    """Launch the fused EM kernel (inputs validated and laid out by ops.py; the
+    contract is in /work HELPERS / csrc/kernels.h EMParams).
+
+    f3 [B, d, N] features (unit stride over N or d); cam float32 [B*K, N]
+    contiguous or None when weight (float32 [C, d]) is given; v_fg/v_bg
+    float32 [C, d] (v_by_label) or [B*K, d], or both None (training-free);
+    labels int64 [B*K] (given whenever v_by_label or weight); outputs
+    (out [B*K, N], z_fg [B*K, N], fg [B*K, d], bg [B*K, d], mix [B*K, 2],
+    picked uint8 [B*K], sigma_used [B*K]), every element written."""
+    out, z, fg_out, bg_out, mix, picked, sigma_used = outputs
     B, d, N = f3.shape
-    if B == 0:
+    K = int(K)
+    if B == 0 or K == 0:
         return
     has_v = v_fg is not None
-    dummy = cam  # stands in for absent pointers; never read (constexpr-guarded)
+    has_w = weight is not None
+    sigma_auto = bool(sigma_auto)
+    sig = math.inf if sigma_auto else float(sigma)
+    inv = 0.0 if sigma_auto else 1.0 / sig
+    cfg = launch_config(f3, K)
+    groups = cfg.pop("groups")
+    dummy = out  # stands in for absent pointers; never read (constexpr-guarded)
     with _device_of(f3):
-        _em_kernel[(B,)](
+        _em_kernel[(B, groups)](
             f3, f3.stride(0), f3.stride(1), f3.stride(2),
-            cam, v_fg if has_v else dummy, v_bg if has_v else dummy, labels if labels is not None else dummy,
-            out, z, fg_out, bg_out, mix, picked,
-            d, N, int(num_iters), 1.0 / float(sigma), float(ratio),
-            HAS_V=has_v, HAS_LABELS=labels is not None, COSINE=bool(cosine),
-            BLOCK_P=line_block(N), num_stages=1, **feature_blocks(f3),
+            cam if cam is not None else dummy, weight if has_w else dummy,
+            v_fg if has_v else dummy, v_bg if has_v else dummy, labels if labels is not None else dummy,
+            out, z, fg_out, bg_out, mix, picked, sigma_used,
+            K, d, N, int(num_iters), sig, inv, float(ratio),
+            HAS_W=has_w, HAS_V=has_v, V_BY_LABEL=bool(v_by_label) and has_v, SIGMA_AUTO=sigma_auto,
+            COSINE=bool(cosine), BLOCK_P=line_block(N), num_stages=1, **cfg,
         )
 
 
