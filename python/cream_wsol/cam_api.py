@@ -42,8 +42,9 @@ class CREAMOutput(NamedTuple):
     logits   [B, C]: the classifier's output for the batch (the model's dtype).
     raw      float32 [B, K, h, w]: the op's CREAM maps at feature size, in [0, 2]
              (calibrated posterior + normalised CAM, SPEC.md Eq. 12).
-    extras   the op's :class:`cream_kernels.EMResult` with K folded into the rows
-             ([B*K, ...]) when ``return_extras=True``, else None.
+    extras   the op's :class:`cream_kernels.EMResult` (z_fg, centroids, mixing
+             weights, calibration branch, sigma_used; each with a K axis after B)
+             when ``return_extras=True``, else None.
     """
 
     maps: Tensor

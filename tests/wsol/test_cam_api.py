@@ -245,6 +245,15 @@ def test_options_pass_through(resnet, images):
     assert_same(bilinear.maps, to_image(default.raw, (64, 64), "bilinear"))
 
 
+def test_reference_backend_agrees(resnet, images):
+    """backend= reaches the op: the float64 oracle gives the same maps as the default."""
+    default = CREAM(resnet, "layer4")(images, top_k=2)
+    ref = CREAM(resnet, "layer4", backend="reference")(images, top_k=2)
+    torch.testing.assert_close(ref.raw, default.raw, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="backend"):
+        CREAM(resnet, "layer4", backend="tpu")(images)
+
+
 def test_constructor_errors(resnet):
     with pytest.raises(ValueError, match="target_layer='layer5' is not a module.*closest names: \\['layer"):
         CREAM(resnet, "layer5")
@@ -417,7 +426,7 @@ def test_efficientnet_lite0_stock_imagenet_head():
     model._fc.load_state_dict({"weight": sd["_fc.weight"], "bias": sd["_fc.bias"]})
     model.eval()
     x = _grace_hopper()
-    cream = CREAM(model, "head_act")
+    cream = CREAM(model, "head_act", sigma="auto")
     out = cream(x, top_k=5, return_extras=True)
     assert cream.classifier_name == "_fc"
     assert out.classes[0, 0].item() == 652            # ImageNet "military uniform", as test_models
@@ -426,7 +435,12 @@ def test_efficientnet_lite0_stock_imagenet_head():
     feats = features_of(model, model.head_act, x)
     cams = classifier_cams(feats, model._fc.weight, out.classes)
     for k in range(5):
-        assert_same(out.raw[:, k], ck.em_reactivate(feats, cams[:, k].contiguous(), None, None))
+        ref = ck.em_reactivate(feats, cams[:, k].contiguous(), None, None, sigma="auto")
+        assert_same(out.raw[:, k], ref)
+    # on these real features sigma="auto" gives posteriors that separate (issue 12, section 3)
+    z = out.extras.z_fg.flatten(2)
+    assert out.extras.z_fg.shape == (1, 5, 7, 7) and out.extras.sigma_used.shape == (1, 5)
+    assert bool(((z.amax(2) - z.amin(2)) > 0.3).all())
     box, iou = best_box(out.maps[0, 0], tau=0.2)
     assert iou is None and box.shape == (4,) and (box[2:] > box[:2]).all()
 
