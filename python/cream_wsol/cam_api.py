@@ -19,7 +19,7 @@ import difflib
 import inspect
 import math
 import warnings
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 import torch

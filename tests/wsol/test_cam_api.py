@@ -178,11 +178,19 @@ def test_target_layer_by_module_equals_by_name(resnet, images):
         assert torch.equal(a.raw, o.raw) and torch.equal(a.logits, o.logits)
 
 
+class Category:
+    """Stands for pytorch-grad-cam's ClassifierOutputTarget (a class index in ``.category``)."""
+
+    def __init__(self, category):
+        self.category = category
+
+
 @pytest.mark.parametrize("targets, expect", [
     (4, [[4], [4], [4]]),
     ([0, 5, 9], [[0], [5], [9]]),
     (torch.tensor([[1, 2], [3, 4], [5, 6]]), [[1, 2], [3, 4], [5, 6]]),
     (np.array([[7], [8], [9]]), [[7], [8], [9]]),
+    ([Category(2), Category(0), Category(9)], [[2], [0], [9]]),   # pytorch-grad-cam's targets
 ])
 def test_targets_forms(resnet, images, targets, expect):
     cream = CREAM(resnet, "layer4")
@@ -243,6 +251,16 @@ def test_options_pass_through(resnet, images):
     assert_same(default.raw[:, 0], ck.em_reactivate(feats, cam, None, None))
     bilinear = CREAM(resnet, "layer4", interpolation="bilinear")(images, targets=targets)
     assert_same(bilinear.maps, to_image(default.raw, (64, 64), "bilinear"))
+
+
+def test_bfloat16_autocast(resnet, images):
+    """Under autocast the features reach the op in bfloat16; the classifier is still found."""
+    full = CREAM(resnet, "layer4")(images, top_k=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = CREAM(resnet, "layer4")(images, targets=full.classes)
+    assert out.logits.dtype == torch.bfloat16 and out.maps.dtype == torch.float32
+    assert bool(torch.isfinite(out.maps).all())
+    torch.testing.assert_close(out.raw, full.raw, rtol=0, atol=0.25)   # bf16 features: a coarse match
 
 
 def test_reference_backend_agrees(resnet, images):
@@ -471,6 +489,10 @@ def test_cams_from_the_user_are_the_em_start(resnet, images):
         assert out3.classes.tolist() == resnet(images).argmax(1)[:, None].tolist()
     # a shift and a positive scale of the map change nothing
     assert_same(cream(images, cams=given * 7 + 3, targets=targets).raw, out.raw)
+    # with learned tables, the targets pick their rows
+    emb = ck.ContextEmbeddings(10, 32, init="random", generator=torch.Generator().manual_seed(8))
+    learned = CREAM(resnet, "layer4", embeddings=emb)(images, cams=given, targets=targets)
+    assert_same(learned.raw[:, 0], ck.em_reactivate(feats, given, emb.fg, emb.bg, torch.tensor(targets)))
 
 
 def test_cams_errors(resnet, images):
