@@ -159,12 +159,15 @@ class Case:
     impl: str  # ref_f64 ... | cpu | triton | cuda | (table7) auto
     kind: str = ""  # table7: "cam" (forward + CAM), "cream" (the EM alone), "e2e" (forward + CAM + EM)
     image: int = 224  # table7 input size
+    K: int = 1  # em_k: classes per image
 
     @property
     def key(self) -> str:
         """The case without the impl: rows with one key are compared with each other."""
         if self.suite == "table7":
             return f"{self.kind}-img{self.image}-B{self.B}-T{self.T}"
+        if self.suite == "em_k":
+            return f"{self.shape}-B{self.B}-{self.dtype}-T{self.T}-K{self.K}-{self.kind}"
         t = f"-T{self.T}" if self.suite == "em" else ""
         return f"{self.shape}-B{self.B}-{self.dtype}{t}"
 
@@ -250,13 +253,27 @@ def table7_cases() -> list:
     return out
 
 
+def em_k_cases() -> list:
+    """Top-K re-activation from the classifier weight (issue 12): K=1 in one call,
+    K=5 as 5 separate calls, K=5 in one call; kernels only."""
+    V = "1024x14x14"
+    B = 2 if GRID == "smoke" else 32
+    out = []
+    for impl in KERNELS:
+        out.append(Case("em_k", V, B, "fp32", 2, impl, kind="one_call", K=1))
+        out.append(Case("em_k", V, B, "fp32", 2, impl, kind="separate", K=5))
+        out.append(Case("em_k", V, B, "fp32", 2, impl, kind="one_call", K=5))
+    return out
+
+
 def pytest_configure(config):
     # torch.compile's first use imports torch.jit code that warns about its own deprecation
     config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 
 
 def pytest_generate_tests(metafunc):
-    for name, make in (("em_case", em_cases), ("update_case", update_cases), ("table7_case", table7_cases)):
+    for name, make in (("em_case", em_cases), ("update_case", update_cases), ("table7_case", table7_cases),
+                       ("em_k_case", em_k_cases)):
         if name in metafunc.fixturenames:
             cases = make()
             metafunc.parametrize(name, cases, ids=[c.id for c in cases])
@@ -361,13 +378,14 @@ def measure_extra_bytes(fn: Callable) -> dict:
 def cpu_native_workspace_bytes(case: Case) -> int:
     """The cpu backend's per-thread std::vector scratch (csrc/cpu): invisible to torch.
 
-    em_cpu.cpp:      (6 N + 5 d) accumulators per thread
+    em_cpu.cpp:      N + K (6 N + 5 d + 4) accumulators per thread (K classes per image)
     context_cpu.cpp: (3 N + 3 d) accumulators per thread
     (accumulators are float for fp32/bf16/fp16 features, double for float64)."""
     (d, h, w), _ = SHAPES[case.shape]
     N = h * w
     threads = cream_kernels._ext._C.cpu_num_threads() if cream_kernels._ext.available() else 1
-    per = (6 * N + 5 * d) if case.suite == "em" else (3 * N + 3 * d)
+    K = 1 if case.kind == "separate" else case.K  # separate calls: one class at a time
+    per = (N + K * (6 * N + 5 * d + 4)) if case.suite in ("em", "em_k") else (3 * N + 3 * d)
     return int(min(threads, case.B) * per * 4)
 
 
