@@ -85,6 +85,23 @@ def _desc(t: Tensor) -> str:
     return f"shape {tuple(t.shape)} and dtype {t.dtype}"
 
 
+def _version_or_copy(t):
+    if not isinstance(t, Tensor):
+        return None
+    try:
+        return t._version
+    except RuntimeError:  # an inference-mode tensor tracks no version
+        return t.clone()
+
+
+def _changed(t: Tensor, seen) -> bool:
+    if seen is None:
+        return False
+    if isinstance(seen, Tensor):
+        return not torch.equal(seen, t)
+    return t._version != seen
+
+
 def _takes_return_features(model: nn.Module) -> bool:
     try:
         return "return_features" in inspect.signature(model.forward).parameters
@@ -300,7 +317,9 @@ class CREAM:
 
         def feature_hook(_m, _inp, out):
             feats.append(out)
-            versions.append(getattr(out, "_version", None))
+            # to notice a later in-place change: the version counter, or (inference
+            # tensors have none) a copy to compare with after the forward
+            versions.append(_version_or_copy(out))
 
         def linear_hook(name):
             def hook(_m, inp, out):
@@ -348,7 +367,7 @@ class CREAM:
         if not isinstance(f, Tensor) or f.dim() != 4 or not f.dtype.is_floating_point:
             got = _desc(f) if isinstance(f, Tensor) else type(f).__name__
             raise ValueError(f"the output of {where} must be a float feature map [B, d, h, w]; got {got}")
-        if self.target_layer is not None and versions[0] is not None and f._version != versions[0]:
+        if self.target_layer is not None and _changed(f, versions[0]):
             raise ValueError(f"the output of {where} was modified in place later in the forward (e.g. by "
                              "nn.ReLU(inplace=True)), so it is not the map the head pools; give the module "
                              "after it (the ReLU) as target_layer")

@@ -253,6 +253,13 @@ def test_options_pass_through(resnet, images):
     assert_same(bilinear.maps, to_image(default.raw, (64, 64), "bilinear"))
 
 
+def test_inference_mode(resnet, images):
+    ref = CREAM(resnet, "layer4")(images, top_k=2)
+    with torch.inference_mode():
+        out = CREAM(resnet, "layer4")(images, top_k=2)
+    assert torch.equal(out.raw, ref.raw) and torch.equal(out.classes, ref.classes)
+
+
 def test_bfloat16_autocast(resnet, images):
     """Under autocast the features reach the op in bfloat16; the classifier is still found."""
     full = CREAM(resnet, "layer4")(images, top_k=2)
@@ -357,6 +364,8 @@ def test_heads_that_are_not_gap_linear_are_explained():
     assert out.maps.shape == (2, 1, 8, 8)
     with pytest.raises(ValueError, match="modified in place later in the forward"):
         CREAM(InplaceAfter().eval(), "conv")(x)
+    with torch.inference_mode(), pytest.raises(ValueError, match="modified in place later"):
+        CREAM(InplaceAfter().eval(), "conv")(x)   # inference tensors: no version counter
     assert CREAM(InplaceAfter().eval(), "act")(x).maps.shape == (2, 1, 8, 8)
 
 
