@@ -132,10 +132,12 @@ class ContextEmbeddings(nn.Module):
 
         return gather(means), gather(nonempty), gather(labels)
 
-    def reactivate(self, features: Tensor, cam: Tensor, labels: Tensor, **kwargs):
-        """``em_reactivate`` from this module's tables (rows picked by ``labels``).
+    def reactivate(self, features: Tensor, cam: Optional[Tensor], labels: Tensor, **kwargs):
+        """``em_reactivate`` from this module's tables (rows picked by ``labels``,
+        [B] or [B, K] for K classes per image). ``cam`` may be None when
+        ``classifier_weight=`` is given (the CAM is then computed in the kernel).
 
-        Keyword arguments (num_iters, sigma, cam_threshold, similarity,
-        return_extras, backend) are passed on."""
+        Keyword arguments (classifier_weight, num_iters, sigma (a number or
+        "auto"), cam_threshold, similarity, return_extras, backend) are passed on."""
         kwargs.setdefault("cam_threshold", self.cam_threshold)
         return ops.em_reactivate(features, cam, self.fg, self.bg, labels, **kwargs)

@@ -34,6 +34,12 @@ def test_module_matches_functional():
     assert torch.equal(m.fg, fg) and torch.equal(m.bg, bg)
     out = m.reactivate(f, cam, labels, num_iters=3)
     assert torch.equal(out, ck.em_reactivate(f, cam, fg, bg, labels, num_iters=3))
+    w = torch.randn(3, 10)
+    top2 = torch.stack([labels, (labels + 1) % 3], dim=1)
+    out2 = m.reactivate(f, None, top2, classifier_weight=w, sigma="auto")
+    assert out2.shape == (6, 2, 5, 5)
+    assert torch.equal(out2, ck.em_reactivate(f, None, fg, bg, top2, classifier_weight=w, sigma="auto",
+                                              cam_threshold=m.cam_threshold))
 
 
 def test_module_rejects_bad_config():
