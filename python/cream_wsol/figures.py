@@ -74,11 +74,9 @@ def activation_histograms(histograms: Mapping[str, Any], path: str, names: Seque
 
 
 def _best_box(scoremap: np.ndarray, tau: float, gt_boxes: np.ndarray) -> np.ndarray:
-    from .metrics import calculate_multiple_iou, compute_bboxes_from_scoremaps
+    from .metrics import best_box
 
-    boxes = compute_bboxes_from_scoremaps(scoremap, [tau])[0]
-    ious = calculate_multiple_iou(boxes, gt_boxes).max(axis=1)
-    return boxes[int(np.argmax(ious))], float(ious.max())
+    return tuple(best_box(scoremap, tau, gt_boxes))
 
 
 def _draw_box(ax, box, color, lw=1.5):

@@ -8,13 +8,17 @@ the "Evaluation conventions" section of SPEC.md. The code is our own; the rules 
   (``cv2.INTER_CUBIC``, computed in float64 as upstream, whose ``t2n`` casts the map
   to float64 first), then per-image min-max normalization; a map with a NaN
   (or any non-finite value) or a constant map becomes all zeros.
-* :func:`compute_bboxes_from_scoremaps`: the map is quantized with
+* :func:`boxes_from_map` (one threshold; public as ``cream_wsol.boxes_from_map``),
+  :func:`compute_bboxes_from_scoremaps` (many) and :class:`BoxEvaluator` share one
+  implementation of the box rule (``_box_groups``): the map is quantized with
   ``(map * 255).astype(uint8)``; at threshold ``tau`` the pixels strictly greater
   than ``int(tau * max(quantized))`` are kept, and every contour found by
   ``cv2.findContours(RETR_TREE, CHAIN_APPROX_SIMPLE)`` (outer borders *and* hole
   borders, as upstream's multi-contour evaluation) gives the box
   ``[x, y, min(x + w, W - 1), min(y + h, H - 1)]`` of its bounding rectangle.
-  No contour gives the single box ``[0, 0, 0, 0]``.
+  No contour gives the single box ``[0, 0, 0, 0]``. :func:`best_box` picks the box
+  the evaluator scores (best IoU against the ground truth) or, without ground
+  truth, the box of the largest contour.
 * IoU uses the +1 pixel convention (a box ``[x0, y0, x1, y1]`` covers
   ``(x1 - x0 + 1) * (y1 - y0 + 1)`` pixels); a non-positive union gives IoU 0.
 * :class:`BoxEvaluator`: an image is correct at ``(tau, delta)`` when the best IoU
@@ -42,10 +46,15 @@ differ by one. Pass ``dtype=np.float64`` for bit-exact upstream quantization.
 
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import numpy as np
 
 __all__ = [
     "normalize_scoremap",
+    "boxes_from_map",
+    "best_box",
+    "BestBox",
     "compute_bboxes_from_scoremaps",
     "calculate_multiple_iou",
     "cam_thresholds",
@@ -249,6 +258,108 @@ def compute_bboxes_from_scoremaps(scoremap, thresholds, multi_contour: bool = Tr
     """
     groups, index = _box_groups(scoremap, thresholds, multi_contour)
     return [groups[i] for i in index]
+
+
+def boxes_from_map(scoremap, tau: float, multi_contour: bool = True) -> np.ndarray:
+    """The boxes wsolevaluation draws from one normalized score map at threshold ``tau``.
+
+    This is the box rule of the metrics (the same code :class:`BoxEvaluator` and
+    :func:`compute_bboxes_from_scoremaps` run): the map is quantized with
+    ``(map * 255).astype(uint8)``, the pixels strictly greater than
+    ``int(tau * max(quantized))`` are kept, and every contour of that binary image
+    (``cv2.findContours``, ``RETR_TREE``: outer and hole borders) gives the box
+    ``[x, y, min(x + w, W - 1), min(y + h, H - 1)]`` of its bounding rectangle.
+    No contour (nothing above the threshold) gives the single box ``[0, 0, 0, 0]``.
+
+    Args:
+        scoremap: [H, W] float map with values in [0, 1], a numpy array or a torch
+            tensor (e.g. one map of ``cream_wsol.CREAM``'s output, or
+            :func:`normalize_scoremap`'s). float32 and float64 maps may quantize a
+            pixel lying within rounding of a grey level differently (metrics docs).
+        tau: threshold in [0, 1] (the metrics sweep ``arange(0, 1, 0.001)``).
+        multi_contour: every contour gives a box (MaxBoxAccV2, the default);
+            False keeps only the box of the largest contour (MaxBoxAcc V1).
+
+    Returns:
+        np.ndarray [n, 4] int64, one (x0, y0, x1, y1) box per contour, in pixels of
+        the map (x along the width).
+
+    Example:
+        >>> import numpy as np
+        >>> from cream_wsol import boxes_from_map
+        >>> m = np.zeros((8, 10)); m[2:5, 3:7] = 1.0; m[6, 8] = 0.6
+        >>> boxes_from_map(m, tau=0.5).tolist()       # the blob and the single pixel
+        [[8, 6, 9, 7], [3, 2, 7, 5]]
+        >>> boxes_from_map(m, tau=0.7).tolist()       # 0.6 is not above 0.7 * max
+        [[3, 2, 7, 5]]
+        >>> boxes_from_map(np.zeros((4, 4)), tau=0.2).tolist()
+        [[0, 0, 0, 0]]
+    """
+    tau = _check_tau(tau)
+    groups, index = _box_groups(scoremap, [tau], multi_contour)
+    return groups[index[0]]
+
+
+class BestBox(NamedTuple):
+    """:func:`best_box`'s result: ``box`` np.ndarray [4] int64 (x0, y0, x1, y1) and
+    ``iou`` (float: the box's best IoU against the ground truth; None without it)."""
+
+    box: np.ndarray
+    iou: Optional[float]
+
+
+def best_box(scoremap, tau: float, gt_boxes=None, multi_contour: bool = True) -> BestBox:
+    """The one box of a score map at ``tau`` under the wsolevaluation rule.
+
+    With ``gt_boxes``: of the boxes :func:`boxes_from_map` gives, the one with the
+    highest IoU (+1 pixel convention) against any ground-truth box, and that IoU:
+    exactly what :class:`BoxEvaluator` counts for this image at this ``tau``
+    (the image is correct at delta when ``iou >= delta / 100``; on a tie, the first
+    box in ``boxes_from_map``'s order). Without ``gt_boxes``: the box of the
+    largest contour (MaxBoxAcc V1's single box), the box to draw for a user's image;
+    ``iou`` is None.
+
+    Args:
+        scoremap: [H, W] float map in [0, 1] (numpy or torch), as for
+            :func:`boxes_from_map`.
+        tau: threshold in [0, 1].
+        gt_boxes: None, or [k, 4] (or [4]) ground-truth boxes (x0, y0, x1, y1) in the
+            map's pixel frame.
+        multi_contour: with ``gt_boxes``, choose among the boxes of every contour
+            (MaxBoxAccV2, default) or of the largest one only (V1).
+
+    Returns:
+        :class:`BestBox` ``(box, iou)``.
+
+    Example:
+        >>> import numpy as np
+        >>> from cream_wsol import best_box
+        >>> m = np.zeros((8, 10)); m[2:5, 3:7] = 1.0; m[6, 8] = 0.6
+        >>> best_box(m, tau=0.5).box.tolist()                 # the largest contour
+        [3, 2, 7, 5]
+        >>> box, iou = best_box(m, tau=0.5, gt_boxes=[[8, 6, 9, 7]])
+        >>> box.tolist(), iou
+        ([8, 6, 9, 7], 1.0)
+    """
+    tau = _check_tau(tau)
+    if gt_boxes is None:
+        groups, index = _box_groups(scoremap, [tau], multi_contour=False)
+        return BestBox(groups[index[0]][0].copy(), None)
+    gt = _check_boxes(gt_boxes, "gt_boxes")
+    groups, index = _box_groups(scoremap, [tau], multi_contour)
+    boxes = groups[index[0]]
+    ious = calculate_multiple_iou(boxes, gt).max(axis=1)
+    j = int(np.argmax(ious))
+    return BestBox(boxes[j].copy(), float(ious[j]))
+
+
+def _check_tau(tau) -> float:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.integer, np.floating)):
+        raise TypeError(f"tau must be a number in [0, 1]; got {type(tau).__name__} {tau!r}")
+    tau = float(tau)
+    if not (0.0 <= tau <= 1.0):
+        raise ValueError(f"tau must be in [0, 1]; got {tau!r}")
+    return tau
 
 
 def _best_iou_per_threshold(scoremap, gt_boxes, thresholds, multi_contour=True) -> np.ndarray:
