@@ -27,7 +27,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,7 +45,12 @@ __all__ = [
     "denormalize",
     "jsonable",
     "format_metrics_table",
+    "EvaluationStopped",
 ]
+
+
+class EvaluationStopped(Exception):
+    """``evaluate(..., should_stop=...)`` was asked to stop (e.g. a signal during validation)."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,9 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
              cam_threshold: float = 0.2, cam_curve_interval: float = 0.001,
              iou_thresholds: Sequence[int] = (30, 50, 70), device: str = "cpu", progress: bool = True,
              histogram_specs: Sequence[str] = (), histogram_bins: int = 50,
-             keep_examples: int = 0, max_images: Optional[int] = None, desc: str = "evaluate") -> Dict[str, Any]:
+             keep_examples: int = 0, max_images: Optional[int] = None, desc: str = "evaluate",
+             should_stop: Optional[Callable[[], bool]] = None, loc_taus: Optional[Mapping[str, float]] = None,
+             on_image: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Score every map of ``specs`` on ``dataset`` (a ``WSOLDataset`` with train=False).
     Box metrics need boxes (CUB, ILSVRC, synthetic), PxAP needs masks (OpenImages,
     synthetic); whatever the split has is scored.
@@ -156,7 +163,17 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
     "examples": [...]}``. ``histogram_specs`` collects histograms of the normalised
     map over ground-truth foreground / background pixels (Fig. 1; the mask, or the
     union of the boxes when the split has no masks); ``keep_examples`` keeps the
-    first images with their maps (Fig. 5)."""
+    first images with their maps (Fig. 5).
+
+    ``loc_taus`` ({name: tau}) fixes the tau of the tau-dependent metrics (GT-known,
+    Top-1 / Top-5 Loc) instead of taking this split's best tau@50 (``--select-on
+    val``: the tau chosen on val). ``on_image`` is called once per image with
+    ``{image_id, index, label, pred, boxes, maps: {name: normalised map [S, S]}}``
+    (``--save-maps``). ``should_stop`` is polled once per batch; when it returns
+    True, :class:`EvaluationStopped` is raised.
+
+    Rows of predicted-class maps (``target="pred"``) carry no "GT-known Loc" and no
+    "Top-5 Loc": both are defined on the ground-truth class's map."""
     from torch.utils.data import DataLoader
 
     from .metrics import BoxEvaluator, MaskEvaluator, normalize_scoremap
@@ -181,6 +198,8 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
 
     t0 = time.time()
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped(f"{desc}: stopped after {seen} images")
         images, labels, ids = batch[0].to(device), batch[1].to(device).long(), list(batch[2])
         logits, feats = model(images, return_features=True)
         k = min(5, logits.shape[1])
@@ -201,6 +220,7 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
                 gt_mask, ignore = dataset.gt_mask(image_id)
             else:
                 gt_mask, ignore = None, None
+            per_image = {} if on_image is not None else None
             keep = len(examples) < keep_examples
             ex = {"image_id": image_id, "image": denormalize(images[b]), "boxes": gt_boxes,
                   "label": int(labels[b]), "pred": int(preds[b]), "maps": {}} if keep else None
@@ -217,6 +237,11 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
                     hists[name]["bg"] += np.histogram(sm[~fgm & valid], bins=edges)[0]
                 if keep:
                     ex["maps"][name] = sm
+                if per_image is not None:
+                    per_image[name] = sm
+            if on_image is not None:
+                on_image({"image_id": image_id, "index": seen - len(ids) + b, "label": int(labels[b]),
+                          "pred": int(preds[b]), "boxes": gt_boxes, "maps": per_image})
             if keep:
                 if has_masks:
                     ex["mask"] = np.asarray(gt_mask, bool)
@@ -229,10 +254,13 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
     for name in specs:
         row: Dict[str, Any] = {"num_images": seen}
         if has_boxes:
-            r = box_ev[name].compute()
+            r = box_ev[name].compute(tau=(loc_taus or {}).get(name))
             curves[name] = r["curve"]
             thresholds = r["thresholds"]
             row.update({k: v for k, v in r.items() if k not in ("curve", "thresholds", "correct@50", "iou_thresholds")})
+            if specs[name].target == "pred":  # defined on the ground-truth class's map only
+                row.pop("GT-known Loc", None)
+                row.pop("Top-5 Loc", None)
         if has_masks:
             row["PxAP"] = mask_ev[name].compute()["PxAP"]
         metrics[name] = row
