@@ -756,12 +756,12 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                 log.append(entry)
                 if is_main:
                     _write_log(cfg.out_dir, log)
-                    if cfg.progress:
-                        vtxt = "".join(f", {k[4:]} {entry[k]:.1f}" for k in ("val_top1", "val_MaxBoxAccV2", "val_PxAP")
-                                       if k in entry)
-                        _say(f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['loss']:.4f} "
-                             f"train acc {entry['train_acc']:.3f}{vtxt and ' | val' + vtxt[1:]}"
-                             f"{' (best)' if is_best else ''} ({entry['time_s']:.1f}s)")
+                    # one line per epoch, with or without progress bars
+                    vtxt = "".join(f", {k[4:]} {entry[k]:.1f}" for k in ("val_top1", "val_MaxBoxAccV2", "val_PxAP")
+                                   if k in entry)
+                    _say(f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['loss']:.4f} "
+                         f"train acc {entry['train_acc']:.3f}{vtxt and ' | val' + vtxt[1:]}"
+                         f"{' (best)' if is_best else ''} ({entry['time_s']:.1f}s)")
                 checkpoint(epoch + 1, 0, also_best=is_best)
                 stop_now = stop_now or _any_rank([stop.signum is not None], world, device)[0]
                 if stop_now and epoch + 1 < cfg.epochs:
