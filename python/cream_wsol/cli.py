@@ -151,11 +151,6 @@ def _cmd_train(a) -> int:
         cfg = cfg.replace(pretrained=None)
     elif a.pretrained:
         cfg = cfg.replace(pretrained=a.pretrained)
-    elif cfg.pretrained is None and PRESETS[a.preset]["dataset"] != "synthetic" and cfg.arch in NEEDS_PRETRAINED_ARCHS:
-        print(f"error: preset {a.preset!r} fine-tunes ImageNet weights, as the paper does: give --pretrained FILE "
-              f"(a torchvision-format {cfg.arch} state dict, e.g. {_TORCHVISION_FILES[cfg.arch]}) "
-              "or --no-pretrained to train from random weights", file=sys.stderr)
-        return 2
     if a.data_root or a.metadata_root:
         if not (a.data_root and a.metadata_root):
             print("error: give both --data-root and --metadata-root", file=sys.stderr)
@@ -171,6 +166,13 @@ def _cmd_train(a) -> int:
         cfg = cfg.replace(data_root=str(data_root), metadata_root=str(metadata_root))
     else:
         print(f"error: preset {a.preset!r} needs --data-root and --metadata-root", file=sys.stderr)
+        return 2
+    real_data = PRESETS[a.preset]["dataset"] != "synthetic"
+    if not (a.no_pretrained or a.pretrained) and cfg.pretrained is None and real_data \
+            and cfg.arch in NEEDS_PRETRAINED_ARCHS:
+        print(f"error: preset {a.preset!r} fine-tunes ImageNet weights, as the paper does: give --pretrained FILE "
+              f"(a torchvision-format {cfg.arch} state dict, e.g. {_TORCHVISION_FILES[cfg.arch]}) "
+              "or --no-pretrained to train from random weights", file=sys.stderr)
         return 2
     resume = None if a.no_resume else (a.resume or "auto")
     try:

@@ -583,6 +583,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
         start_epoch, start_step, global_step, log = 0, 0, 0, []
         best: Optional[Dict[str, Any]] = None
         rng_resume = None
+        resumed_stats = None
         resumed = ck is not None
         if resumed:
             model.load_state_dict(ck["model"])
@@ -593,6 +594,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
             global_step = int(ck["global_step"])
             log = list(ck.get("log", []))
             best = ck.get("best")
+            resumed_stats = ck.get("epoch_stats") if start_step else None
             states = ck.get("rng") or []
             if len(states) == world:
                 rng_resume = states[rank]
@@ -632,6 +634,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": states, "epoch": epoch, "step_in_epoch": step_in_epoch,
                     "global_step": global_step, "world_size": world, "log": log, "best": best,
+                    "epoch_stats": epoch_stats if step_in_epoch else None,
                 }, ckpt_path)
                 if also_best:
                     _copy_atomic(ckpt_path, best_path)
@@ -670,6 +673,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
             say(msg)
             return TrainingInterrupted(msg, signum, ckpt_path, epoch, step_in_epoch)
 
+        # running sums of the current epoch (saved in mid-epoch checkpoints, so a resumed
+        # epoch logs the same loss / accuracy as an uninterrupted one)
+        epoch_stats: Dict[str, Any] = {}
         t0 = time.time()
         val_post: Dict[str, str] = {}
         with stop:
@@ -683,8 +689,10 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                 total = len(loader) + skip  # steps of this epoch
                 ddp_model.train()
                 t_epoch = time.time()
-                loss_sum = torch.zeros((), dtype=torch.float64)
-                correct = seen = 0
+                st = resumed_stats if (epoch == start_epoch and skip and resumed_stats) else {}
+                loss_sum = torch.tensor(float(st.get("loss_sum", 0.0)), dtype=torch.float64)
+                correct, seen = int(st.get("correct", 0)), int(st.get("seen", 0))
+                t_epoch -= float(st.get("epoch_s", 0.0))
                 bar = _tqdm(loader, total=len(loader), desc=f"train {epoch + 1}/{cfg.epochs}",
                             disable=not (cfg.progress and is_main), leave=False)
                 step_in_epoch = skip
@@ -704,6 +712,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                     loss_sum += loss.detach().double().cpu()
                     correct += int((logits.argmax(1) == labels).sum())
                     seen += int(labels.numel())
+                    epoch_stats = {"loss_sum": float(loss_sum), "correct": correct, "seen": seen,
+                                   "epoch_s": time.time() - t_epoch}
                     if on_step is not None:
                         on_step({"epoch": epoch, "step": step_in_epoch, "global_step": global_step,
                                  "loss": loss.item()})
@@ -738,7 +748,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                 bar.close()
                 epoch_lr = optimizer.param_groups[0]["lr"]  # the backbone lr this epoch ran with
                 scheduler.step()
-                nsteps = max(1, step_in_epoch - skip)
+                nsteps = max(1, step_in_epoch - (0 if st else skip))
                 entry = {"epoch": epoch + 1, "loss": float(loss_sum) / nsteps, "train_acc": correct / max(1, seen),
                          "lr": epoch_lr, "epoch_s": round(time.time() - t_epoch, 2),
                          "time_s": round(time.time() - t0, 2)}
