@@ -677,6 +677,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
         # epoch logs the same loss / accuracy as an uninterrupted one)
         epoch_stats: Dict[str, Any] = {}
         t0 = time.time()
+        # the log's time_s counts the wall time of the earlier processes of a resumed run too
+        done_s = next((float(e["time_s"]) for e in reversed(log) if "step" not in e and "time_s" in e), 0.0)
+        done_s += float((resumed_stats or {}).get("epoch_s", 0.0))
         val_post: Dict[str, str] = {}
         with stop:
             for epoch in range(start_epoch, cfg.epochs):
@@ -751,18 +754,19 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                 nsteps = max(1, step_in_epoch - (0 if st else skip))
                 entry = {"epoch": epoch + 1, "loss": float(loss_sum) / nsteps, "train_acc": correct / max(1, seen),
                          "lr": epoch_lr, "epoch_s": round(time.time() - t_epoch, 2),
-                         "time_s": round(time.time() - t0, 2)}
+                         "time_s": round(time.time() - t0 + done_s, 2)}
                 stop_now = _any_rank([stop.signum is not None], world, device)[0]
                 is_best = False
                 if (validator.enabled and cfg.val_every_epochs and (epoch + 1) % cfg.val_every_epochs == 0
                         and not stop_now):
+                    t_val = time.time()
                     val = validate()
                     is_best = bool(val.pop("best", False))
                     if is_best:
                         best["epoch"] = epoch + 1
                     entry.update(val)
                     val_post = _val_postfix(val)
-                    entry["val_s"] = round(time.time() - t0 - entry["time_s"], 2)
+                    entry["val_s"] = round(time.time() - t_val, 2)
                 log.append(entry)
                 if is_main:
                     _write_log(cfg.out_dir, log)
