@@ -496,6 +496,21 @@ class _Validator:
 # --------------------------------------------------------------------------- #
 # training
 # --------------------------------------------------------------------------- #
+def _check_config(cfg: TrainConfig) -> None:
+    """ValueError naming the setting for values the loop cannot use."""
+    for name in ("ckpt_every_steps", "val_every_epochs", "val_every_steps"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name} must be an integer >= 0 (0: off), got {v!r} ({type(v).__name__})")
+    v = cfg.ckpt_every_minutes
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"ckpt_every_minutes must be a finite number >= 0 (0: off), got {v!r}")
+    if cfg.val_max_images is not None and (not isinstance(cfg.val_max_images, int) or cfg.val_max_images < 1):
+        raise ValueError(f"val_max_images must be None or an integer >= 1, got {cfg.val_max_images!r}")
+    if not (isinstance(cfg.val_curve_interval, float) and 0 < cfg.val_curve_interval < 1):
+        raise ValueError(f"val_curve_interval must be a float in (0, 1), got {cfg.val_curve_interval!r}")
+
+
 def _absolute(cfg: TrainConfig) -> TrainConfig:
     """Data and output paths made absolute (a checkpoint then works from any cwd)."""
     ab = (lambda p: os.path.abspath(os.path.expanduser(p)) if p else p)
@@ -544,6 +559,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
     Returns a summary dict with the checkpoint path, the log (one entry per epoch,
     plus one per step-level validation), the best validation result, the wall time,
     and this rank's trained ``model`` and ``embeddings`` modules."""
+    _check_config(cfg)
     cfg = _absolute(cfg)
     device = _resolve_device(cfg.device)
     rank, world, own_group = _dist_setup(device)

@@ -143,6 +143,14 @@ def test_signal_handler_sets_a_flag_then_a_second_signal_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
+@pytest.mark.parametrize("bad", [dict(ckpt_every_minutes=-1.0), dict(ckpt_every_minutes=float("nan")),
+                                 dict(val_every_steps=-2), dict(ckpt_every_steps=1.5), dict(val_max_images=0)])
+def test_bad_long_run_settings_name_the_setting(tiny, tmp_path, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        train(_cfg(tiny, tmp_path / "x", **bad))
+    assert not os.path.exists(tmp_path / "x")
+
+
 def test_time_based_checkpoint(tiny, tmp_path, monkeypatch):
     """Default every 10 minutes: a clock that jumps 11 minutes during step 4 gives a
     mid-epoch checkpoint at step 4; without the jump the last one is the epoch end."""
