@@ -216,6 +216,8 @@ def test_mismatched_resume_is_refused_naming_each_difference(tiny, tmp_path, cap
                  "--no-resume", "--out"):
         assert part in msg, part
     assert "epochs" not in msg  # more epochs is a legitimate resume
+    with pytest.raises(ResumeMismatchError, match="arch: checkpoint 'small', now 'resnet50'"):
+        train(cfg.replace(arch="resnet50", model_kwargs={}))  # refused before any state dict is loaded
     after = load_checkpoint(str(tmp_path / "run"))
     assert after["global_step"] == before["global_step"] and after["config"]["lr"] == 0.01
     # the CLI: exit 2 with the message; --no-resume starts over
