@@ -481,7 +481,7 @@ class _Validator:
             res = evaluate(model, self.dataset, {"CAM": MapSpec("cam")}, batch_size=self.cfg.batch_size,
                            cam_threshold=self.cfg.cam_threshold, cam_curve_interval=self.cfg.val_curve_interval,
                            device=str(self.device), progress=self.cfg.progress, max_images=self.cfg.val_max_images,
-                           desc=f"val {self.cfg.val_split}", should_stop=should_stop)
+                           desc=f"validate {self.cfg.val_split}", should_stop=should_stop)
         finally:
             model.train(was_training)
             _set_rng_state(rng)
@@ -660,7 +660,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
 
         stop = _StopSignals()
 
-        def validate() -> Dict[str, Any]:
+        def validate(epoch_no: int, step_no: int) -> Dict[str, Any]:
             """Rank 0 validates; every rank gets the result and whether it is the best so far."""
             nonlocal best
             val: Dict[str, Any] = {}
@@ -677,7 +677,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                 val = obj[0]
             key = f"val_{getattr(validator, 'metric', '')}"
             if key in val and (best is None or val[key] > best["value"]):
-                best = {"metric": key, "value": val[key], "epoch": None, "global_step": global_step}
+                best = {"metric": key, "value": val[key], "epoch": epoch_no, "step": step_no,
+                        "global_step": global_step}
                 val["best"] = True
             return val
 
@@ -744,7 +745,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                     saved = False
                     if (mid and validator.enabled and cfg.val_every_steps and not stop_now
                             and global_step % cfg.val_every_steps == 0):
-                        val = validate()
+                        val = validate(epoch + 1, step_in_epoch)
                         if val:
                             rec = {"epoch": epoch + 1, "step": step_in_epoch, "global_step": global_step,
                                    **{k: v for k, v in val.items() if k != "best"}}
@@ -776,10 +777,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                 if (validator.enabled and cfg.val_every_epochs and (epoch + 1) % cfg.val_every_epochs == 0
                         and not stop_now):
                     t_val = time.time()
-                    val = validate()
+                    val = validate(epoch + 1, step_in_epoch)
                     is_best = bool(val.pop("best", False))
-                    if is_best:
-                        best["epoch"] = epoch + 1
                     entry.update(val)
                     val_post = _val_postfix(val)
                     entry["val_s"] = round(time.time() - t_val, 2)
@@ -810,7 +809,7 @@ def _val_postfix(val: Dict[str, Any]) -> Dict[str, str]:
         out["val_top1"] = f"{val['val_top1']:.1f}"
     for k in ("val_MaxBoxAccV2", "val_PxAP"):
         if k in val:
-            out[k.replace("MaxBoxAccV2", "mba")] = f"{val[k]:.1f}"
+            out[k] = f"{val[k]:.1f}"
     return out
 
 
