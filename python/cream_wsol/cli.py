@@ -6,6 +6,7 @@
     cream-wsol train --preset cub-resnet50 --data-root CUB_200_2011/images \\
         --metadata-root metadata/CUB --pretrained resnet50-19c8e357.pth --out runs/cub-r50
     cream-wsol evaluate runs/synth/checkpoint.pt --split test --maps cam,cream,free
+    cream-wsol evaluate runs/cub-r50/best.pt --select-on val --save-maps runs/cub-r50/maps
     torchrun --nproc_per_node 2 -m cream_wsol train --preset synthetic --out runs/ddp
 
 (``python -m cream_wsol ...`` is the same program.)
@@ -44,20 +45,32 @@ def build_parser() -> argparse.ArgumentParser:
                    "here (default: <out>/data)")
     t.add_argument("--arch", help="small | vgg16 | resnet50 | inceptionv3 | efficientnet_lite0")
     t.add_argument("--pretrained", help="ImageNet state dict (torchvision format), or 'package' for "
-                   "efficientnet_lite0's pip weights")
-    t.add_argument("--no-pretrained", action="store_true", help="random init even if the preset has weights")
+                   "efficientnet_lite0's pip weights; required by the cub-/ilsvrc-/openimages- presets of "
+                   "vgg16, resnet50 and inceptionv3 unless --no-pretrained is given")
+    t.add_argument("--no-pretrained", action="store_true", help="random init (even if the preset has weights)")
     t.add_argument("--large-feature-map", action="store_true", help="28x28 CAM at 224 instead of 14x14")
     t.add_argument("--epochs", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--lr-step", type=int)
     t.add_argument("--batch-size", type=int)
-    t.add_argument("--image-size", type=int)
-    t.add_argument("--crop-size", type=int)
+    t.add_argument("--image-size", type=int, help="eval frame S (S x S); alone it also sets the train crop")
+    t.add_argument("--crop-size", type=int, help="train crop (default: the image size)")
     t.add_argument("--lambda", dest="cream_momentum", type=float, help="context embedding momentum (0.8)")
     t.add_argument("--embedding-init", choices=["zeros", "random"])
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--num-workers", type=int)
-    t.add_argument("--ckpt-every-steps", type=int, help="also checkpoint every N steps (default: each epoch)")
+    t.add_argument("--ckpt-every-minutes", type=float,
+                   help="also checkpoint when this many minutes passed since the last checkpoint "
+                        "(default 10; 0: off). SIGINT/SIGTERM always checkpoint before stopping")
+    t.add_argument("--ckpt-every-steps", type=int, help="also checkpoint every N steps (default: off)")
+    t.add_argument("--no-file-check", action="store_true",
+                   help="skip the pre-flight header check of every image/mask file of the splits")
+    t.add_argument("--mask-root", help="folder the val split's mask paths are relative to (default: --data-root)")
+    t.add_argument("--val-split", help="split validated during training (default: val; skipped if absent)")
+    t.add_argument("--val-every-epochs", type=int, help="validate after every N-th epoch (default 1; 0: never)")
+    t.add_argument("--val-every-steps", type=int, help="also validate every N steps (default: off)")
+    t.add_argument("--val-max-images", type=int, help="validate on the first N images of the split only")
+    t.add_argument("--no-val", action="store_true", help="no validation during training")
     t.add_argument("--max-steps-per-epoch", type=int, help="cap the steps per epoch (smoke runs)")
     t.add_argument("--out", default="runs/train", help="output folder (checkpoint.pt, train_log.jsonl)")
     t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
@@ -81,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--curve-interval", type=float, default=0.001, help="tau step (wsolevaluation: 0.001)")
     e.add_argument("--max-images", type=int)
+    e.add_argument("--select-on", metavar="SPLIT",
+                   help="choose sigma and tau on this split (e.g. val), then score --split with them "
+                        "(wsolevaluation's protocol)")
+    e.add_argument("--sigma-grid", help="comma list of sigmas tried by --select-on (default: 2,4,8,16,32 for dot, "
+                   "0.05,0.1,0.25,1,8 for cosine)")
+    e.add_argument("--save-maps", metavar="DIR",
+                   help="write per-image maps (.npy), PNG overlays, boxes.json and Figs. 1, 5, 6 to DIR")
     e.add_argument("--out", help="write the metrics as JSON here")
     _add_common(e)
 
@@ -106,15 +126,27 @@ def _device(name: str) -> str:
     return name
 
 
+_TORCHVISION_FILES = {"vgg16": "vgg16-397923af.pth", "resnet50": "resnet50-0676ba61.pth",
+                      "inceptionv3": "inception_v3_google-0cc3c7bd.pth"}
+
+
 def _cmd_train(a) -> int:
-    from .train import preset, train
+    from .preflight import BadFilesError
+    from .train import NEEDS_PRETRAINED_ARCHS, PRESETS, ResumeMismatchError, TrainingInterrupted, preset, train
 
     over = dict(arch=a.arch, epochs=a.epochs, lr=a.lr, lr_step=a.lr_step, batch_size=a.batch_size,
                 image_size=a.image_size, crop_size=a.crop_size, cream_momentum=a.cream_momentum,
                 embedding_init=a.embedding_init, num_workers=a.num_workers, ckpt_every_steps=a.ckpt_every_steps,
+                ckpt_every_minutes=a.ckpt_every_minutes, val_split=a.val_split, val_every_epochs=a.val_every_epochs,
+                val_every_steps=a.val_every_steps, val_max_images=a.val_max_images,
                 max_steps_per_epoch=a.max_steps_per_epoch, large_feature_map=a.large_feature_map or None)
     cfg = preset(a.preset, **over).replace(seed=a.seed, out_dir=a.out, progress=not a.no_progress,
-                                           device=_device(a.device))
+                                           device=_device(a.device), check_files=not a.no_file_check)
+    if a.no_val:
+        cfg = cfg.replace(val_split=None)
+    if a.no_pretrained and a.pretrained:
+        print("error: give --pretrained FILE or --no-pretrained, not both", file=sys.stderr)
+        return 2
     if a.no_pretrained:
         cfg = cfg.replace(pretrained=None)
     elif a.pretrained:
@@ -123,7 +155,7 @@ def _cmd_train(a) -> int:
         if not (a.data_root and a.metadata_root):
             print("error: give both --data-root and --metadata-root", file=sys.stderr)
             return 2
-        cfg = cfg.replace(data_root=a.data_root, metadata_root=a.metadata_root)
+        cfg = cfg.replace(data_root=a.data_root, metadata_root=a.metadata_root, mask_root=a.mask_root or "")
     elif cfg.dataset == "synthetic":
         from .data import make_synthetic
         from .reproduce import DATA_FULL
@@ -135,11 +167,31 @@ def _cmd_train(a) -> int:
     else:
         print(f"error: preset {a.preset!r} needs --data-root and --metadata-root", file=sys.stderr)
         return 2
+    real_data = PRESETS[a.preset]["dataset"] != "synthetic"
+    if not (a.no_pretrained or a.pretrained) and cfg.pretrained is None and real_data \
+            and cfg.arch in NEEDS_PRETRAINED_ARCHS:
+        print(f"error: preset {a.preset!r} fine-tunes ImageNet weights, as the paper does: give --pretrained FILE "
+              f"(a torchvision-format {cfg.arch} state dict, e.g. {_TORCHVISION_FILES[cfg.arch]}) "
+              "or --no-pretrained to train from random weights", file=sys.stderr)
+        return 2
     resume = None if a.no_resume else (a.resume or "auto")
-    summary = train(cfg, resume=resume)
+    try:
+        summary = train(cfg, resume=resume)
+    except TrainingInterrupted as exc:  # the one line was printed by train()
+        return 128 + exc.signum
+    except ResumeMismatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BadFilesError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:  # a second Ctrl-C while the first was being handled
+        print(f"stopped: {exc or 'interrupted'}; the last checkpoint in {a.out} (if any) is intact", file=sys.stderr)
+        return 130
     if summary["rank"] == 0:
         last = summary["log"][-1] if summary["log"] else {}
-        print(json.dumps({"checkpoint": summary["checkpoint"], "world_size": summary["world_size"],
+        print(json.dumps({"checkpoint": summary["checkpoint"], "best_checkpoint": summary["best_checkpoint"],
+                          "best": summary["best"], "world_size": summary["world_size"],
                           "time_s": round(summary["time_s"], 1), "last_epoch": last}))
     return 0
 
@@ -154,15 +206,35 @@ def _cmd_evaluate(a) -> int:
         for k in kinds:
             name = k if target == "gt" else f"{k} (predicted class)"
             specs[name] = MapSpec(k, num_iters=a.iters, sigma=a.sigma, similarity=a.similarity, target=target)
-    res = evaluate_checkpoint(a.checkpoint, split=a.split, data_root=a.data_root, metadata_root=a.metadata_root,
-                              mask_root=a.mask_root, specs=specs, batch_size=a.batch_size, cam_curve_interval=a.curve_interval,
-                              device=_device(a.device), progress=not a.no_progress, max_images=a.max_images)
+    grid = None
+    if a.sigma_grid:
+        try:
+            grid = [float(v) for v in a.sigma_grid.split(",") if v.strip()]
+        except ValueError:
+            print(f"error: --sigma-grid must be a comma list of numbers, got {a.sigma_grid!r}", file=sys.stderr)
+            return 2
+    try:
+        res = evaluate_checkpoint(a.checkpoint, split=a.split, data_root=a.data_root, metadata_root=a.metadata_root,
+                                  mask_root=a.mask_root, specs=specs, batch_size=a.batch_size,
+                                  cam_curve_interval=a.curve_interval, device=_device(a.device),
+                                  progress=not a.no_progress, max_images=a.max_images, select_on=a.select_on,
+                                  sigma_grid=grid, save_maps=a.save_maps)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     cls = res["classification"]
     print(f"{res['split']}: {cls['num_images']} images, top-1 {cls['top1']:.1f} %, top-5 {cls['top5']:.1f} %")
-    print(format_metrics_table(res["metrics"], res["has_masks"], res["has_boxes"]))
+    if res["selection"]:
+        sel = next(iter(res["selection"].values()))
+        print(f"sigma and tau chosen on {sel['split']} by {sel['metric']} (wsolevaluation's protocol); "
+              f"MaxBoxAccV2 and PxAP on {res['split']} are threshold-free, GT-known / Top-1 / Top-5 Loc use "
+              f"the {sel['split']} tau")
+    print(format_metrics_table(res["metrics"], res["has_masks"], res["has_boxes"], selection=res["selection"]))
+    if res.get("saved"):
+        print(f"maps, overlays, boxes.json and figures written to {os.path.abspath(a.save_maps)}")
     if a.out:
         keep = {k: res[k] for k in ("metrics", "classification", "split", "config", "specs", "has_masks",
-                                    "has_boxes")}
+                                    "has_boxes", "selection")}
         os.makedirs(os.path.dirname(os.path.abspath(a.out)) or ".", exist_ok=True)
         with open(a.out, "w") as fh:
             json.dump(jsonable(keep), fh, indent=1)

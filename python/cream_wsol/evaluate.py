@@ -24,10 +24,12 @@ either way.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,7 +47,16 @@ __all__ = [
     "denormalize",
     "jsonable",
     "format_metrics_table",
+    "EvaluationStopped",
+    "BOX_COLUMNS",
+    "DEFAULT_SIGMA_GRID",
+    "select_on_split",
+    "MapSaver",
 ]
+
+
+class EvaluationStopped(Exception):
+    """``evaluate(..., should_stop=...)`` was asked to stop (e.g. a signal during validation)."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +157,9 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
              cam_threshold: float = 0.2, cam_curve_interval: float = 0.001,
              iou_thresholds: Sequence[int] = (30, 50, 70), device: str = "cpu", progress: bool = True,
              histogram_specs: Sequence[str] = (), histogram_bins: int = 50,
-             keep_examples: int = 0, max_images: Optional[int] = None, desc: str = "evaluate") -> Dict[str, Any]:
+             keep_examples: int = 0, max_images: Optional[int] = None, desc: str = "evaluate",
+             should_stop: Optional[Callable[[], bool]] = None, loc_taus: Optional[Mapping[str, float]] = None,
+             on_image: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Score every map of ``specs`` on ``dataset`` (a ``WSOLDataset`` with train=False).
     Box metrics need boxes (CUB, ILSVRC, synthetic), PxAP needs masks (OpenImages,
     synthetic); whatever the split has is scored.
@@ -156,7 +169,17 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
     "examples": [...]}``. ``histogram_specs`` collects histograms of the normalised
     map over ground-truth foreground / background pixels (Fig. 1; the mask, or the
     union of the boxes when the split has no masks); ``keep_examples`` keeps the
-    first images with their maps (Fig. 5)."""
+    first images with their maps (Fig. 5).
+
+    ``loc_taus`` ({name: tau}) fixes the tau of the tau-dependent metrics (GT-known,
+    Top-1 / Top-5 Loc) instead of taking this split's best tau@50 (``--select-on
+    val``: the tau chosen on val). ``on_image`` is called once per image with
+    ``{image_id, index, label, pred, boxes, maps: {name: normalised map [S, S]}}``
+    (``--save-maps``). ``should_stop`` is polled once per batch; when it returns
+    True, :class:`EvaluationStopped` is raised.
+
+    Rows of predicted-class maps (``target="pred"``) carry no "GT-known Loc" and no
+    "Top-5 Loc": both are defined on the ground-truth class's map."""
     from torch.utils.data import DataLoader
 
     from .metrics import BoxEvaluator, MaskEvaluator, normalize_scoremap
@@ -181,6 +204,8 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
 
     t0 = time.time()
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        if should_stop is not None and should_stop():
+            raise EvaluationStopped(f"{desc}: stopped after {seen} images")
         images, labels, ids = batch[0].to(device), batch[1].to(device).long(), list(batch[2])
         logits, feats = model(images, return_features=True)
         k = min(5, logits.shape[1])
@@ -201,6 +226,7 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
                 gt_mask, ignore = dataset.gt_mask(image_id)
             else:
                 gt_mask, ignore = None, None
+            per_image = {} if on_image is not None else None
             keep = len(examples) < keep_examples
             ex = {"image_id": image_id, "image": denormalize(images[b]), "boxes": gt_boxes,
                   "label": int(labels[b]), "pred": int(preds[b]), "maps": {}} if keep else None
@@ -217,6 +243,11 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
                     hists[name]["bg"] += np.histogram(sm[~fgm & valid], bins=edges)[0]
                 if keep:
                     ex["maps"][name] = sm
+                if per_image is not None:
+                    per_image[name] = sm
+            if on_image is not None:
+                on_image({"image_id": image_id, "index": seen - len(ids) + b, "label": int(labels[b]),
+                          "pred": int(preds[b]), "boxes": gt_boxes, "maps": per_image})
             if keep:
                 if has_masks:
                     ex["mask"] = np.asarray(gt_mask, bool)
@@ -229,10 +260,13 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
     for name in specs:
         row: Dict[str, Any] = {"num_images": seen}
         if has_boxes:
-            r = box_ev[name].compute()
+            r = box_ev[name].compute(tau=(loc_taus or {}).get(name))
             curves[name] = r["curve"]
             thresholds = r["thresholds"]
             row.update({k: v for k, v in r.items() if k not in ("curve", "thresholds", "correct@50", "iou_thresholds")})
+            if specs[name].target == "pred":  # defined on the ground-truth class's map only
+                row.pop("GT-known Loc", None)
+                row.pop("Top-5 Loc", None)
         if has_masks:
             row["PxAP"] = mask_ev[name].compute()["PxAP"]
         metrics[name] = row
@@ -311,35 +345,228 @@ def jsonable(obj):
     return obj
 
 
-def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]], has_masks: bool, has_boxes: bool = True) -> str:
-    """A Markdown table of the main metrics, one row per map."""
-    cols = ["MaxBoxAccV2", "BoxAcc@30", "BoxAcc@50", "BoxAcc@70", "GT-known Loc", "Top-1 Loc",
-            "Top-5 Loc"] if has_boxes else []
+# column labels, shared with report.md (cream_wsol.reproduce): wsolevaluation's names
+BOX_COLUMNS = ("MaxBoxAccV2", "BoxAcc@30", "BoxAcc@50", "BoxAcc@70", "GT-known Loc", "Top-1 Loc", "Top-5 Loc")
+
+
+def format_metrics_table(metrics: Mapping[str, Mapping[str, Any]], has_masks: bool, has_boxes: bool = True,
+                         selection: Optional[Mapping[str, Mapping[str, Any]]] = None) -> str:
+    """A Markdown table of the main metrics, one row per map ("-": not defined for
+    that row, e.g. GT-known Loc of a predicted-class map). With ``selection`` (from
+    :func:`select_on_split`) two more columns give the sigma and tau chosen there."""
+    cols = list(BOX_COLUMNS) if has_boxes else []
     if has_masks:
         cols.append("PxAP")
-    lines = ["| map | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    extra = []
+    if selection:
+        split = next(iter(selection.values()))["split"]
+        extra = [f"sigma ({split})"] + ([f"tau ({split})"] if has_boxes else [])
+    lines = ["| map | " + " | ".join(cols + extra) + " |", "|---" * (len(cols) + len(extra) + 1) + "|"]
     for name, row in metrics.items():
-        lines.append(f"| {name} | " + " | ".join(
-            f"{row[c]:.1f}" if isinstance(row.get(c), (int, float)) else "-" for c in cols) + " |")
+        cells = [f"{row[c]:.1f}" if isinstance(row.get(c), (int, float)) else "-" for c in cols]
+        if selection:
+            sel = selection.get(name, {})
+            cells.append(f"{sel['sigma']:g}" if sel.get("sigma") is not None else "-")
+            if has_boxes:
+                cells.append(f"{sel['tau']:.3f}" if sel.get("tau") is not None else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+DEFAULT_SIGMA_GRID = {"dot": (2.0, 4.0, 8.0, 16.0, 32.0), "cosine": (0.05, 0.1, 0.25, 1.0, 8.0)}
+
+
+def select_on_split(model, dataset, specs: Mapping[str, MapSpec], *, sigma_grid: Optional[Sequence[float]] = None,
+                    **evaluate_kwargs) -> Tuple[Dict[str, MapSpec], Dict[str, Dict[str, Any]], Dict[str, Any]]:
+    """wsolevaluation's protocol: choose the hyperparameters on a held-out split
+    (its ``val``, "train-fullsup"), then report ``test`` with them.
+
+    For every map of ``specs`` that runs the EM (not ``cam``, not T=0) each sigma of
+    ``sigma_grid`` (default: :data:`DEFAULT_SIGMA_GRID` of the map's similarity) is
+    scored on ``dataset``; the sigma with the highest MaxBoxAccV2 (PxAP on a split
+    with masks only) wins, the earlier one on a tie. Every map's tau is its best
+    tau@50 there (the tau of GT-known / Top-1 / Top-5 Loc on test). Returns
+    ``(specs with the chosen sigmas, {name: {split, metric, sigma, tau, value,
+    grid}}, the raw evaluate() result)``."""
+    specs = dict(specs)
+    flat: Dict[str, MapSpec] = {}
+    grid_of: Dict[str, List[Tuple[Optional[float], str]]] = {}
+    for name, sp in specs.items():
+        if sp.kind == "cam" or sp.num_iters == 0:
+            grid_of[name] = [(None, name)]
+            flat[name] = sp
+            continue
+        grid = tuple(sigma_grid) if sigma_grid else DEFAULT_SIGMA_GRID[sp.similarity]
+        grid_of[name] = []
+        for sg in grid:
+            key = f"{name} @ sigma={float(sg):g}"
+            flat[key] = dataclasses.replace(sp, sigma=float(sg))
+            grid_of[name].append((float(sg), key))
+    res = evaluate(model, dataset, flat, **evaluate_kwargs)
+    metric = "MaxBoxAccV2" if res["has_boxes"] else "PxAP"
+    split = getattr(dataset, "split", "val")
+    chosen: Dict[str, MapSpec] = {}
+    selection: Dict[str, Dict[str, Any]] = {}
+    for name, cands in grid_of.items():
+        scores = [(res["metrics"][key][metric], sg, key) for sg, key in cands]
+        best_i = max(range(len(scores)), key=lambda i: (scores[i][0], -i))
+        value, sg, key = scores[best_i]
+        chosen[name] = flat[key]
+        selection[name] = {"split": split, "metric": metric, "sigma": sg, "value": value,
+                           "tau": res["metrics"][key].get("loc_tau"),
+                           "grid": {f"{g:g}": v for v, g, _ in scores if g is not None}}
+    return chosen, selection, res
+
+
+def _safe(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("_") or "map"
+
+
+def _jet(sm: np.ndarray) -> np.ndarray:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["jet"]
+    return (cmap(np.clip(sm, 0, 1))[..., :3] * 255).astype(np.uint8)
+
+
+class MapSaver:
+    """``evaluate --save-maps DIR``: per image and map, the normalised map the metrics
+    score (``maps/<map>/<image id>.npy``, float32 [S, S] in [0, 1], S the evaluation
+    frame; about 4 S^2 bytes each) and a PNG overlay (``overlays/<map>/<image
+    id>.png``: the map in jet over the image, ground-truth boxes red, the best box at
+    the map's tau green); ``boxes.json`` (per image and map the best box, its IoU and
+    the tau used); and Figs. 1, 5, 6 (``fig1_histograms.png``, ``fig5_maps.png``,
+    ``fig6_boxacc_tau.png``) drawn by :mod:`cream_wsol.figures`, the code
+    ``reproduce`` uses."""
+
+    def __init__(self, out_dir: str, names: Sequence[str]):
+        self.out_dir = os.path.abspath(out_dir)
+        self.names = list(names)
+        self.dirs = {n: _safe(n) for n in self.names}
+        self.items: List[Dict[str, Any]] = []
+
+    def _rel(self, image_id: str, ext: str) -> str:
+        stem = os.path.splitext(os.path.normpath(image_id).lstrip(os.sep).replace("..", "_"))[0]
+        return stem + ext
+
+    def __call__(self, info: Dict[str, Any]) -> None:
+        rel = self._rel(info["image_id"], ".npy")
+        for name, sm in info["maps"].items():
+            path = os.path.join(self.out_dir, "maps", self.dirs[name], rel)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            np.save(path, np.asarray(sm, dtype=np.float32))
+        self.items.append({k: info[k] for k in ("image_id", "index", "label", "pred", "boxes")})
+
+    def finish(self, res: Mapping[str, Any], dataset, taus: Optional[Mapping[str, float]], tau_from: str,
+               progress: bool = True) -> Dict[str, str]:
+        from PIL import Image, ImageDraw
+        from tqdm.auto import tqdm
+
+        from . import figures
+
+        has_boxes = bool(res["has_boxes"])
+        taus = dict(taus or {})
+        images: Dict[str, Any] = {}
+        for it in tqdm(self.items, desc="overlays", disable=not progress, leave=False, dynamic_ncols=True):
+            img = denormalize(dataset[it["index"]][0])
+            gt = np.asarray(it["boxes"]).reshape(-1, 4)
+            rec = {"label": it["label"], "pred": it["pred"], "gt_boxes": gt.tolist(), "maps": {}}
+            for name in self.names:
+                sm = np.load(os.path.join(self.out_dir, "maps", self.dirs[name], self._rel(it["image_id"], ".npy")))
+                over = Image.fromarray((0.5 * img + 0.5 * _jet(sm)).round().astype(np.uint8))
+                draw = ImageDraw.Draw(over)
+                for b in gt if has_boxes else ():
+                    draw.rectangle([int(v) for v in b], outline=(255, 0, 0))
+                if has_boxes and name in taus and len(gt):
+                    box, iou = figures._best_box(sm, taus[name], gt)
+                    draw.rectangle([int(v) for v in box], outline=(0, 255, 0))
+                    rec["maps"][name] = {"box": [int(v) for v in box], "iou": float(iou), "tau": float(taus[name])}
+                path = os.path.join(self.out_dir, "overlays", self.dirs[name], self._rel(it["image_id"], ".png"))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                over.save(path)
+            images[it["image_id"]] = rec
+        with open(os.path.join(self.out_dir, "boxes.json"), "w") as fh:
+            json.dump(jsonable({"tau_from": tau_from, "taus": taus, "map_folders": self.dirs,
+                                "box_format": "x0, y0, x1, y1 inclusive, in the evaluation frame "
+                                              f"({getattr(dataset, 'image_size', '?')} x "
+                                              f"{getattr(dataset, 'image_size', '?')})",
+                                "images": images}), fh, indent=1)
+        out = {"boxes": os.path.join(self.out_dir, "boxes.json")}
+        out["fig1"] = figures.activation_histograms(res["histograms"], os.path.join(self.out_dir, "fig1_histograms.png"),
+                                                    names=self.names[:4])
+        out["fig5"] = figures.map_gallery(res["examples"], os.path.join(self.out_dir, "fig5_maps.png"),
+                                          names=self.names[:4], taus=taus if has_boxes else None, n=6)
+        if has_boxes:
+            out["fig6"] = figures.boxacc_vs_tau(res["curves"], res["thresholds"],
+                                                os.path.join(self.out_dir, "fig6_boxacc_tau.png"),
+                                                iou_thresholds=res["iou_thresholds"], names=self.names[:4])
+        return out
+
+
+def _open_split(cfg, split: str, data_root, metadata_root, mask_root, checkpoint: str):
+    from .data import WSOLDataset
+
+    dr = data_root or cfg.data_root
+    mr = metadata_root or cfg.metadata_root
+    try:
+        ds = WSOLDataset(dr, mr, split, train=False, image_size=cfg.image_size,
+                         mask_root=mask_root or getattr(cfg, "mask_root", "") or None)
+        first = ds.image_path(ds.image_ids[0])
+        if not os.path.isfile(first):
+            raise FileNotFoundError(f"image file not found: {first}")
+        return ds
+    except FileNotFoundError as exc:
+        src = ("given" if data_root or metadata_root else f"stored in {checkpoint}")
+        raise FileNotFoundError(
+            f"{exc} (data root {dr!r}, metadata root {mr!r}, {src}); point --data-root / --metadata-root at the "
+            f"data set (the folder the image ids are relative to, and the one holding {split}/image_ids.txt)"
+        ) from exc
+
+
 def evaluate_checkpoint(checkpoint: str, *, split: str = "test", data_root: Optional[str] = None,
-                        metadata_root: Optional[str] = None, mask_root: Optional[str] = None, specs: Optional[Mapping[str, MapSpec]] = None,
-                        batch_size: int = 32, cam_curve_interval: float = 0.001, device: str = "cpu",
-                        progress: bool = True, max_images: Optional[int] = None) -> Dict[str, Any]:
+                        metadata_root: Optional[str] = None, mask_root: Optional[str] = None,
+                        specs: Optional[Mapping[str, MapSpec]] = None, batch_size: int = 32,
+                        cam_curve_interval: float = 0.001, device: str = "cpu", progress: bool = True,
+                        max_images: Optional[int] = None, select_on: Optional[str] = None,
+                        sigma_grid: Optional[Sequence[float]] = None,
+                        save_maps: Optional[str] = None) -> Dict[str, Any]:
     """Load a training checkpoint and evaluate it on ``split`` (same data roots as
     training unless given; ``mask_root``: the folder the mask paths are relative
-    to, e.g. OpenImages' mask folder)."""
-    from .data import WSOLDataset
+    to, e.g. OpenImages' mask folder).
+
+    ``select_on="val"``: sigma and tau are chosen on that split first
+    (:func:`select_on_split`), then ``split`` is scored with them (``res["selection"]``).
+    ``save_maps=DIR``: per-image maps, overlays, boxes and figures (:class:`MapSaver`)."""
     from .train import load_trained
 
     model, emb, cfg = load_trained(checkpoint, device=device)
-    ds = WSOLDataset(data_root or cfg.data_root, metadata_root or cfg.metadata_root, split, train=False,
-                     image_size=cfg.image_size, mask_root=mask_root)
-    res = evaluate(model, ds, specs, embeddings={"learned": emb}, batch_size=batch_size,
-                   cam_threshold=cfg.cam_threshold, cam_curve_interval=cam_curve_interval, device=device,
-                   progress=progress, max_images=max_images, desc=f"evaluate {split}")
+    ds = _open_split(cfg, split, data_root, metadata_root, mask_root, checkpoint)
+    specs = dict(specs or DEFAULT_SPECS)
+    common = dict(embeddings={"learned": emb}, batch_size=batch_size, cam_threshold=cfg.cam_threshold,
+                  cam_curve_interval=cam_curve_interval, device=device, progress=progress)
+    selection = None
+    loc_taus = None
+    if select_on:
+        if select_on == split:
+            raise ValueError(f"select_on={select_on!r} is the evaluated split itself; choose on another split")
+        sel_ds = _open_split(cfg, select_on, data_root, metadata_root, mask_root, checkpoint)
+        specs, selection, _ = select_on_split(model, sel_ds, specs, sigma_grid=sigma_grid, max_images=max_images,
+                                              desc=f"select on {select_on}", **common)
+        loc_taus = {n: s["tau"] for n, s in selection.items() if s.get("tau") is not None}
+    saver = MapSaver(save_maps, list(specs)) if save_maps else None
+    gt_names = [n for n, s in specs.items() if s.target == "gt"] or list(specs)
+    res = evaluate(model, ds, specs, max_images=max_images, desc=f"evaluate {split}", loc_taus=loc_taus,
+                   on_image=saver, histogram_specs=gt_names[:4] if saver else (),
+                   keep_examples=6 if saver else 0, **common)
     res["config"] = cfg.to_dict()
     res["split"] = split
+    res["selection"] = selection
+    if saver is not None:
+        taus = loc_taus if loc_taus is not None else {
+            n: m["loc_tau"] for n, m in res["metrics"].items() if "loc_tau" in m}
+        tau_from = (f"chosen on {select_on} (best tau@50)" if loc_taus is not None
+                    else f"best tau@50 on {split} itself")
+        res["saved"] = saver.finish(res, ds, taus, tau_from, progress=progress)
     return res

@@ -203,7 +203,7 @@ def reproduce(out_dir: str = "cream_reproduce", *, seed: int = 0, quick: bool = 
 
     tables: Dict[str, str] = {}
     tables["table1"] = _md_table(
-        ["method", "MaxBoxAccV2", "IoU30", "IoU50", "IoU70", "GT-known Loc", "Top-1 Loc", "Top-5 Loc", "PxAP"],
+        ["method", "MaxBoxAccV2", "BoxAcc@30", "BoxAcc@50", "BoxAcc@70", "GT-known Loc", "Top-1 Loc", "Top-5 Loc", "PxAP"],
         [[n, mba(n), M[n]["BoxAcc@30"], M[n]["BoxAcc@50"], M[n]["BoxAcc@70"], M[n]["GT-known Loc"],
           M[n].get("Top-1 Loc"), M[n].get("Top-5 Loc"), px(n)] for n in ("CAM", "CREAM")])
     tables["table5"] = _md_table(

@@ -43,6 +43,7 @@ def _check_reproduce_outputs(out):
     for f in os.listdir(os.path.join(out, "figures")):
         assert os.path.getsize(os.path.join(out, "figures", f)) < 200_000, f
     report = open(os.path.join(out, "report.md")).read()
+    assert "BoxAcc@30" in report and "IoU30" not in report  # the labels evaluate prints
     for title in ("Table 1", "Table 5", "Table 7", "Table 8", "dot vs cosine", "training-free", "Fig. 1"):
         assert title in report, title
     res = json.load(open(os.path.join(out, "results.json")))
@@ -83,6 +84,17 @@ def test_train_and_evaluate_commands(tmp_path, capsys):
                                      "cream (predicted class)", "calibrated (predicted class)",
                                      "free (predicted class)"}
     assert saved["classification"]["num_images"] == 4
+    # sigma / tau chosen on val, test reported; per-image maps and figures written
+    maps = str(tmp_path / "maps")
+    assert main(["evaluate", run, "--split", "test", "--maps", "cam,cream", "--select-on", "val", "--sigma-grid",
+                 "4,8", "--curve-interval", "0.05", "--save-maps", maps, "--out", metrics, "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "chosen on val" in text and "sigma (val)" in text and "tau (val)" in text
+    assert json.load(open(metrics))["selection"]["cream"]["sigma"] in (4.0, 8.0)
+    for f in ("boxes.json", "fig1_histograms.png", "fig5_maps.png", "fig6_boxacc_tau.png"):
+        assert os.path.isfile(os.path.join(maps, f)), f
+    assert len(os.listdir(os.path.join(maps, "maps"))) == 2 and len(json.load(open(
+        os.path.join(maps, "boxes.json")))["images"]) == 6
 
 
 def test_train_needs_data_for_real_presets(tmp_path, capsys):
