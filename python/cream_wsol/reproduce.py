@@ -407,6 +407,9 @@ def verdict(diffs: Sequence[float]) -> Tuple[str, Optional[float], Optional[floa
     mean, std, n = _mean_std(diffs)
     if mean is None:
         return "n/a", None, None
+    # float noise of paired differences of equal numbers (e.g. -1e-15 with std 0) is zero
+    mean = 0.0 if abs(mean) < 1e-9 else mean
+    std = None if std is None else (0.0 if std < 1e-9 else std)
     if n < 2 or std is None:
         return "inconclusive (1 seed)", mean, std
     if mean > std:

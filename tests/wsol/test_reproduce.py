@@ -33,6 +33,7 @@ def test_verdict_rule():
     assert verdict([0.0, 1.0, 2.0])[0] == "inconclusive"
     assert verdict([2.0])[0].startswith("inconclusive")
     assert verdict([None, None])[0] == "n/a"
+    assert verdict([-1e-15, -1e-15])[0] == "inconclusive"  # float noise is no result
     v, mean, std = verdict([1.0, 2.0, 3.0])
     assert (v, mean) == ("holds", 2.0) and math.isclose(std, 1.0)
 
