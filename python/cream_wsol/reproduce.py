@@ -271,6 +271,8 @@ def run_one(out_dir: str, regime: str, backbone: str, seed: int, *, quick: bool,
         log_path = os.path.join(cfg.out_dir, "train_log.jsonl")
         if os.path.exists(log_path):
             os.remove(log_path)
+    tag = f"{regime}-{backbone}-s{seed}"
+    log(f"  {tag}: training {cfg.arch} for {cfg.epochs} epochs" + (" (resuming)" if resume else ""))
     t0 = time.time()
     summary = train(cfg, resume=resume)
     stage["train_s"] = sum(e.get("epoch_s", 0.0) for e in summary["log"]) or (time.time() - t0)
@@ -280,6 +282,7 @@ def run_one(out_dir: str, regime: str, backbone: str, seed: int, *, quick: bool,
     val_ds = WSOLDataset(cfg.data_root, cfg.metadata_root, "val", train=False, image_size=cfg.image_size)
     test_ds = WSOLDataset(cfg.data_root, cfg.metadata_root, "test", train=False, image_size=cfg.image_size)
 
+    log(f"  {tag}: lambda pass (Table 8)")
     t0 = time.time()
     lam_tables = learn_embeddings(model, train_eval_ds, LAMBDAS, init="random", cam_threshold=cfg.cam_threshold,
                                   batch_size=cfg.batch_size, epochs=1, seed=seed, progress=progress, device=device)
@@ -292,6 +295,7 @@ def run_one(out_dir: str, regime: str, backbone: str, seed: int, *, quick: bool,
     # val scores only the maps a choice is made from (similarity / sigma, T, tau of CAM and CREAM)
     val_specs = {n: sp for n, sp in specs.items()
                  if n in ("CAM", "CREAM") or n.startswith(("T=", "dot sigma=", "cosine sigma="))}
+    log(f"  {tag}: evaluating {len(val_specs)} maps on val, {len(specs)} on test")
     t0 = time.time()
     val_res = evaluate(model, val_ds, val_specs, desc=f"  evaluate val ({len(val_specs)} maps)", **common)
     stage["eval_val_s"] = time.time() - t0
@@ -784,10 +788,6 @@ def reproduce(out_dir: str = "cream_reproduce", *, seeds: Optional[Sequence[int]
         torch.set_num_threads(threads_before)
 
 
-def _quiet(*a, **k) -> None:
-    return None
-
-
 def _make_data(job, dkw) -> None:
     from .data import make_synthetic
 
@@ -845,7 +845,7 @@ def _reproduce(out_dir, seeds, regimes, backbones, quick, progress, device, epoc
             # the data sets first (two runs must not write the same one at once)
             list(ex.map(_make_data, data_jobs, [dkw] * len(data_jobs)))
             futs = {ex.submit(run_one, out_dir, *key, progress=False,
-                              keep_examples=n_keep if key[2] == seeds[0] else 0, log=_quiet, **kw): key
+                              keep_examples=n_keep if key[2] == seeds[0] else 0, log=print, **kw): key
                     for key in plan}
             t0 = time.time()
             for f in cf.as_completed(futs):
