@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--regimes", help="comma list of synthetic regimes: cub,cluttered (default: both)")
     r.add_argument("--backbones", help="comma list: small,lite0 (default: both)")
     r.add_argument("--quick", action="store_true", help="CI-size run (well under a minute; 1 torch thread)")
-    r.add_argument("--jobs", type=int, default=1, help="runs at once, in worker processes with 1 torch thread "
-                   "each (2 uses both cores of a 2-core machine; per-stage bars only with 1)")
+    r.add_argument("--jobs", type=int, default=None, help="runs at once, in worker processes with 1 torch thread "
+                   "each (default: 2 on a machine with >= 2 cores, 1 with --quick; per-stage bars only with 1)")
     r.add_argument("--epochs", type=int, help="override the preset's epochs")
     r.add_argument("--retrain", action="store_true", help="train again even if <out>/train has a finished run")
     _add_common(r)

@@ -747,12 +747,14 @@ def estimate_s(regimes, backbones, seeds, quick: bool) -> float:
 def reproduce(out_dir: str = "cream_reproduce", *, seeds: Optional[Sequence[int]] = None,
               regimes: Optional[Sequence[str]] = None, backbones: Optional[Sequence[str]] = None,
               quick: bool = False, progress: bool = True, device: str = "cpu", epochs: Optional[int] = None,
-              data_kwargs: Optional[Dict[str, Any]] = None, retrain: bool = False, jobs: int = 1,
+              data_kwargs: Optional[Dict[str, Any]] = None, retrain: bool = False, jobs: Optional[int] = None,
               log=print) -> Dict[str, Any]:
     """Run the whole reproduction; returns the results dict (also saved as results.json).
 
     ``jobs`` > 1 runs that many (regime, backbone, seed) runs at once in worker
-    processes with one torch thread each (no per-stage bars then; the runs bar stays).
+    processes with one torch thread each (a log line per stage then, and the runs bar).
+    Default: 1 with ``quick``, else 2 when this process may use 2 or more cores (the
+    evaluation is single-threaded, so one run at a time leaves a core idle).
     A run whose ``run.json`` exists with the same configuration is reused, so an
     interrupted reproduce continues where it stopped.
 
@@ -774,6 +776,9 @@ def reproduce(out_dir: str = "cream_reproduce", *, seeds: Optional[Sequence[int]
             raise ValueError(f"backbones: {b!r} is not one of {tuple(BACKBONES)}")
     if not seeds:
         raise ValueError("seeds: need at least one seed")
+    if jobs is None:
+        ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        jobs = 1 if quick else min(2, ncpu)
     if int(jobs) < 1:
         raise ValueError(f"jobs must be >= 1; got {jobs}")
     jobs = int(jobs)
