@@ -129,7 +129,7 @@ def _compare(got, want, path=""):
 def test_quick_matches_the_committed_results(quick_run):
     with open(EXPECTED) as fh:
         expected = json.load(fh)
-    if expected["torch"] != torch.__version__:
+    if expected["torch"].split("+")[0] != torch.__version__.split("+")[0]:  # 2.13.0 and 2.13.0+cpu alike
         pytest.skip(f"the committed --quick results are from torch {expected['torch']}; this is "
                     f"{torch.__version__}")
     bad = _compare(json.loads(json.dumps(fingerprint(quick_run[1]))), expected["fingerprint"])
