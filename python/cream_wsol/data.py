@@ -42,9 +42,20 @@ one distribution for all classes) with a small *discriminative part* (a disc on 
 body's rim, ~5-10 % of the object's area) whose saturated hue and pattern (solid,
 ring, stripes, dot) identify the class. Objects sit on cluttered textured
 backgrounds (smooth colour noise, random lines and blobs, all low-saturation) with
-distractors: fragments that carry the body texture (so the body is no cue to the
-class, nor to where the object is) and other muted shapes. The classifier only needs
-the part, so a CAM fires on the part: the incomplete localization CREAM addresses.
+distractor shapes. Two regimes (``regime=``):
+
+* ``"cub"`` (CUB-like, the default): the body's look appears nowhere else. Every
+  background colour has a hue outside the body's hue range, and the 3 distractors
+  carry textures that are not the body's (checkers, speckle, dots). One object, whose
+  body is "the same kind of pixels" as its part and unlike the background: the WSOL
+  setting the paper is about.
+* ``"cluttered"`` (the set earlier versions generated, bit-identical for the same
+  seed): 2 distractors, half of them fragments that carry the body texture (so the
+  body is no cue to the class, nor to where the object is), the others muted shapes.
+  Background pixels look like the body: the hard case.
+
+The classifier only needs the part, so a CAM fires on the part: the incomplete
+localization CREAM addresses.
 
 The synthetic splits' metadata: ``localization.txt`` holds the exact box of each
 object (CUB style, tight around the mask: ``x0 = min col``, ``x1 = max col``, inclusive
@@ -89,6 +100,7 @@ __all__ = [
     "load_mask_image",
     "unnormalize",
     "make_synthetic",
+    "SYNTHETIC_REGIMES",
     "make_fashion_textures",
 ]
 
@@ -595,12 +607,44 @@ def _class_design(c: int, num_classes: int):
     return hue, pattern
 
 
-def _render_synthetic(rng, size, label, num_classes, n_distractors, part_scale):
+# The body's hue range (see _body_texture); the CUB-like regime keeps every background
+# colour outside it, widened by a margin.
+_BODY_HUES = (0.05, 0.14)
+_BODY_HUE_MARGIN = 0.03
+
+
+def _nonbody_colour(rng, sat=(0.05, 0.35), val=(0.3, 0.85)) -> np.ndarray:
+    """A colour whose hue is outside the body's hue range (plus margin)."""
+    lo, hi = _BODY_HUES[0] - _BODY_HUE_MARGIN, _BODY_HUES[1] + _BODY_HUE_MARGIN
+    h = hi + rng.random() * (1.0 - (hi - lo))
+    return _hsv(h, rng.uniform(*sat), rng.uniform(*val))
+
+
+def _nonbody_texture(rng, size, x, y, kind: int) -> np.ndarray:
+    """A distractor texture that is not the body's: 0 checker, 1 speckle, 2 dots,
+    in two colours outside the body's hues."""
+    c1 = _nonbody_colour(rng, sat=(0.2, 0.6), val=(0.35, 0.9))
+    c2 = _nonbody_colour(rng, sat=(0.2, 0.6), val=(0.35, 0.9))
+    if kind == 0:
+        period = rng.uniform(3.0, 6.0) * size / 64
+        sel = ((np.floor(x / period) + np.floor(y / period)) % 2) == 0
+    elif kind == 1:
+        sel = rng.random((size, size)) < 0.5
+    else:
+        period = rng.uniform(4.0, 7.0) * size / 64
+        fx, fy = (x % period) - period / 2, (y % period) - period / 2
+        sel = np.hypot(fx, fy) <= 0.3 * period
+    return np.where(sel[..., None], c1[None, None, :], c2[None, None, :]).astype(np.float32)
+
+
+def _render_synthetic(rng, size, label, num_classes, n_distractors, part_scale, regime="cluttered"):
     import cv2
 
+    cub = regime == "cub"
+    colour = (lambda r: _nonbody_colour(r)) if cub else _muted_colour
     x, y = _grid(size)
     # Background: smooth muted colour noise + clutter (lines, blobs).
-    bg_a, bg_b = _muted_colour(rng), _muted_colour(rng)
+    bg_a, bg_b = colour(rng), colour(rng)
     t = _smooth_noise(rng, size, int(rng.integers(3, 7)), 1)
     img = bg_a * t + bg_b * (1 - t)
     img = img + (_smooth_noise(rng, size, int(rng.integers(10, 20))) - 0.5) * 40
@@ -608,12 +652,12 @@ def _render_synthetic(rng, size, label, num_classes, n_distractors, part_scale):
     for _ in range(int(rng.integers(6, 14))):
         p0 = tuple(int(v) for v in rng.integers(0, size, 2))
         p1 = tuple(int(v) for v in rng.integers(0, size, 2))
-        cv2.line(img, p0, p1, tuple(float(v) for v in _muted_colour(rng)),
+        cv2.line(img, p0, p1, tuple(float(v) for v in colour(rng)),
                  int(rng.integers(1, 3)))
     for _ in range(int(rng.integers(3, 7))):
         blob = _ellipse(x, y, *rng.uniform(0, size, 2), *rng.uniform(0.02, 0.08, 2) * size,
                         rng.uniform(0, np.pi))
-        img[blob] = _muted_colour(rng)
+        img[blob] = colour(rng)
 
     # Object geometry (decided before distractors, so these avoid its centre).
     a = rng.uniform(0.20, 0.31) * size
@@ -622,14 +666,17 @@ def _render_synthetic(rng, size, label, num_classes, n_distractors, part_scale):
     margin = a + 0.02 * size
     cx, cy = rng.uniform(margin, size - margin, 2)
 
-    # Distractors: body-textured fragments and muted shapes.
+    # Distractors. cluttered: body-textured fragments and muted shapes (half each);
+    # cub: textured shapes whose texture is never the body's.
     for k in range(n_distractors):
         for _ in range(20):
             dx, dy = rng.uniform(0.1, 0.9, 2) * size
             if np.hypot(dx - cx, dy - cy) > a + 0.1 * size:
                 break
         shape = _ellipse(x, y, dx, dy, *rng.uniform(0.06, 0.13, 2) * size, rng.uniform(0, np.pi))
-        if k % 2 == 0:
+        if cub:
+            img[shape] = _nonbody_texture(rng, size, x, y, int(rng.integers(0, 3)))[shape]
+        elif k % 2 == 0:
             img[shape] = _body_texture(rng, size, x, y)[shape]
         else:
             img[shape] = _muted_colour(rng)
@@ -672,9 +719,13 @@ def _render_synthetic(rng, size, label, num_classes, n_distractors, part_scale):
 _SYNTH_VERSION = 2
 
 
+SYNTHETIC_REGIMES = ("cub", "cluttered")
+
+
 def make_synthetic(root, seed: int = 0, num_classes: int = 4, n_train: int = 800,
                    n_val: int = 200, n_test: int = 200, image_size: int = 128,
-                   n_distractors: int = 2, part_scale=(0.07, 0.09)) -> Tuple[str, str]:
+                   n_distractors: Optional[int] = None, part_scale=(0.07, 0.09),
+                   regime: str = "cub") -> Tuple[str, str]:
     """Generate (or reuse) the synthetic WSOL data set; returns (data_root, metadata_root).
 
     Args:
@@ -684,10 +735,19 @@ def make_synthetic(root, seed: int = 0, num_classes: int = 4, n_train: int = 800
         n_train, n_val, n_test: images per split (labels cycle through the classes).
         image_size: on-disk image side (images are square). The loader resizes to
             its own frame.
-        n_distractors: distractor shapes per image (half carry the body texture).
+        n_distractors: distractor shapes per image (default 3 for ``"cub"``, 2 for
+            ``"cluttered"``, where half of them carry the body texture).
         part_scale: (min, max) radius of the discriminative part, as a fraction of the
             image side.
+        regime: ``"cub"`` (the body's look appears nowhere in the background) or
+            ``"cluttered"`` (distractors carry the body's look); see the module docs.
     """
+    if regime not in SYNTHETIC_REGIMES:
+        raise ValueError(f"regime must be one of {SYNTHETIC_REGIMES}; got {regime!r}")
+    if n_distractors is None:
+        n_distractors = 3 if regime == "cub" else 2
+    if int(n_distractors) < 0:
+        raise ValueError(f"n_distractors must be >= 0; got {n_distractors}")
     if not (2 <= num_classes <= 32):
         raise ValueError(f"num_classes must be in [2, 32]; got {num_classes}")
     if image_size < 32:
@@ -699,6 +759,8 @@ def make_synthetic(root, seed: int = 0, num_classes: int = 4, n_train: int = 800
     params = dict(kind="synthetic", version=_SYNTH_VERSION, seed=int(seed),
                   num_classes=int(num_classes), counts=counts, image_size=int(image_size),
                   n_distractors=int(n_distractors), part_scale=list(part_scale))
+    if regime != "cluttered":  # the cluttered set keeps its earlier parameters (and folder)
+        params["regime"] = regime
 
     def writer(data_root, metadata_root):
         for split, n in counts.items():
@@ -706,7 +768,7 @@ def make_synthetic(root, seed: int = 0, num_classes: int = 4, n_train: int = 800
             for i in range(n):
                 label = i % num_classes
                 img, mask, part = _render_synthetic(_rng(seed, split, i), image_size, label,
-                                                    num_classes, n_distractors, part_scale)
+                                                    num_classes, int(n_distractors), part_scale, regime)
                 w.add(f"{split}/c{label:02d}/{i:05d}.png", label, img, mask, part)
             w.close()
 

@@ -122,7 +122,8 @@ def compute_maps(features: Tensor, classifier_weight: Tensor, specs: Mapping[str
             if spec.tables not in embeddings:
                 raise KeyError(f"map {name!r} needs embeddings {spec.tables!r}; have {sorted(embeddings)}")
             fg, bg = _tables(embeddings[spec.tables])
-        key = (free, None if free else spec.tables, spec.target, spec.num_iters, float(spec.sigma), spec.similarity)
+        key = (free, None if free else spec.tables, spec.target, spec.num_iters,
+               spec.sigma if isinstance(spec.sigma, str) else float(spec.sigma), spec.similarity)  # "auto"
         if key not in em_cache:
             em_cache[key] = _em(features, cam, fg, bg, classes, spec, cam_threshold)
         res = em_cache[key]

