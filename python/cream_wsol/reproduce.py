@@ -247,7 +247,9 @@ def run_one(out_dir: str, regime: str, backbone: str, seed: int, *, quick: bool,
     cfg = preset("synthetic", data_root=str(data_root), metadata_root=str(metadata_root), seed=seed,
                  out_dir=os.path.join(run_dir, "train"), progress=progress, image_size=dkw["image_size"],
                  device=device, dataset=f"synthetic-{regime}")
-    cfg = cfg.replace(**over)
+    # reproduce scores val itself after training (every map, the choices); validation
+    # during training would only cost time here
+    cfg = cfg.replace(**over, val_split=None)
     if not retrain and os.path.isfile(run_json) and (keep_examples == 0 or os.path.isfile(fig_file)):
         with open(run_json) as fh:
             prev = json.load(fh)
