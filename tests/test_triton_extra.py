@@ -146,7 +146,7 @@ def test_em_contract_vs_reference(mode, sigma_auto, cosine):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("mode", ["w_tab", "cam"])
 def test_em_layouts_dtypes(cl, dtype, mode):
-    case = make_case(1, 64, 49, 2, mode, cl=cl, dtype=dtype, seed=3)
+    case = make_case(1, 72, 49, 2, mode, cl=cl, dtype=dtype, seed=3)  # BLOCK_D 128: one row per program
     for sigma_auto in (False, True):
         outs = run_kernel(case, T=2, sigma_auto=sigma_auto)
         ref = ref_rows(case["f3"].float(), case["cam"], case["weight"], case["v_fg"], case["v_bg"], case["labels"],

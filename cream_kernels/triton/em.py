@@ -91,10 +91,11 @@ from ._common import (
 # more programs of the same image (grid axis 1), each reading the image once
 # per pass. Bounded by the [KB, BLOCK_D] vectors a pass keeps in registers.
 KB_MAX = 4
+KB_MAX_D = 64  # above this BLOCK_D one program runs one row (KB > 1 spilled at d >= 256: see the doc)
 # Software pipelining of the tile loop (see the module doc): Triton 3.9's
 # num_stages pipeliner only stages loads that feed tl.dot, so the next tile is
 # loaded by hand into registers while the current one is reduced.
-PREFETCH = True
+PREFETCH_MAX_ESIZE = 2  # bf16/fp16 only: the raw next tile costs half the registers of fp32's (which spilled)
 
 # Sweep modes: what one pass over an image's features computes for its KB rows.
 _CAM = 0    # nothing but the CAM (DO_CAM): lo, hi, CAM staged in OUT
@@ -114,15 +115,23 @@ def _log_ratio(a_fg, a_bg):
 
 
 @device_fn
-def _rows_dot(f, w2):
-    """[KB, BLOCK_N]: w2[k] . f_i for every row k and pixel i of the tile."""
-    return tl.sum(w2[:, :, None] * f[None, :, :], axis=1)
+def _rows_dot(f, w2, KB: tl.constexpr):
+    """[KB, BLOCK_N]: w2[k] . f_i for every row k and pixel i of the tile.
+    KB = 1 keeps the 2-D form (a [BLOCK_D] vector times the tile): the 3-D
+    broadcast changes Triton's tile layout (fp32 NCHW loads fell to 8 bytes)."""
+    if KB == 1:
+        return tl.sum(f * tl.sum(w2, axis=0)[:, None], axis=0)[None, :]
+    else:
+        return tl.sum(w2[:, :, None] * f[None, :, :], axis=1)
 
 
 @device_fn
-def _rows_wsum(f, z):
+def _rows_wsum(f, z, KB: tl.constexpr):
     """[KB, BLOCK_D]: sum_i z[k, i] f_i for every row k."""
-    return tl.sum(f[None, :, :] * z[:, None, :], axis=2)
+    if KB == 1:
+        return tl.sum(f * tl.sum(z, axis=0)[None, :], axis=1)[None, :]
+    else:
+        return tl.sum(f[None, :, :] * z[:, None, :], axis=2)
 
 
 @device_fn
@@ -164,7 +173,7 @@ def _sweep(
         nmask = offs_n < N
         rmask = kvalid[:, None] & nmask[None, :]
         if DO_CAM:  # Eq. 1 in the kernel: cam_i = W[y] . f_i (raw features, no bias)
-            c = _rows_dot(f, wc)
+            c = _rows_dot(f, wc, KB)
             lo_v = tl.minimum(lo_v, tl.where(rmask, c, float("inf")))
             hi_v = tl.maximum(hi_v, tl.where(rmask, c, float("-inf")))
             tl.store(orows[:, None] + offs_n[None, :], c, mask=rmask)  # staged CAM
@@ -175,12 +184,12 @@ def _sweep(
                 c = tl.load(camrows[:, None] + offs_n[None, :], mask=rmask, other=0.0)
             u = (((c - lo[:, None]) >= thr[:, None]) & rmask).to(tl.float32)
             ub = tl.where(rmask, 1.0 - u, 0.0)
-            s1 += _rows_wsum(f, u)
-            s2 += _rows_wsum(f, ub)
+            s1 += _rows_wsum(f, u, KB)
+            s2 += _rows_wsum(f, ub, KB)
             m1 += u
             m2 += ub
         elif MODE >= 2:
-            x = _rows_dot(f, w2)
+            x = _rows_dot(f, w2, KB)
             if COSINE:  # the E-step sees g_i f_i, g_i = 1/||f_i||, never stored
                 g = inv_norm(tl.sum(f * f, axis=0))
                 x = x * g[None, :]
@@ -197,8 +206,8 @@ def _sweep(
                 if COSINE:  # M-step on the normalised features g_i f_i
                     zf = zf * g[None, :]
                     zb = zb * g[None, :]
-                s1 += _rows_wsum(f, zf)
-                s2 += _rows_wsum(f, zb)
+                s1 += _rows_wsum(f, zf, KB)
+                s2 += _rows_wsum(f, zb, KB)
     if DO_CAM:
         lo = tl.min(lo_v, axis=1)
         hi = tl.max(hi_v, axis=1)
@@ -285,8 +294,8 @@ def _em_kernel(
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     VEC_D: tl.constexpr, VEC_N: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    b = tl.program_id(0).to(tl.int64)
-    kk = tl.program_id(1) * KB + tl.arange(0, KB)  # classes k of image b this program runs
+    b = tl.program_id(1).to(tl.int64)  # axis 0 = the row group: an image's programs are adjacent
+    kk = tl.program_id(0) * KB + tl.arange(0, KB)  # classes k of image b this program runs
     kvalid = kk < K
     rows = b * K + kk.to(tl.int64)  # row r = b*K + k
     fb = image_base(F, b, stride_b, VEC_D * VEC_N)
@@ -428,9 +437,11 @@ def _em_kernel(
 
 def launch_config(f3, K: int) -> dict:
     """Rows per program (KB), the grid and the block sizes for f3 [B, d, N] with K rows per image."""
-    kb = min(int(triton.next_power_of_2(max(int(K), 1))), KB_MAX)
+    kb_max = KB_MAX if triton.next_power_of_2(max(int(f3.shape[1]), 1)) <= KB_MAX_D else 1
+    kb = min(int(triton.next_power_of_2(max(int(K), 1))), kb_max)
     blocks = feature_blocks(f3, kb)
-    return dict(KB=kb, groups=triton.cdiv(int(K), kb), PREFETCH=PREFETCH, **blocks)
+    prefetch = f3.element_size() <= PREFETCH_MAX_ESIZE
+    return dict(KB=kb, groups=triton.cdiv(int(K), kb), PREFETCH=prefetch, **blocks)
 
 
 def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label,
@@ -458,7 +469,7 @@ def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label,
     groups = cfg.pop("groups")
     dummy = out  # stands in for absent pointers; never read (constexpr-guarded)
     with _device_of(f3):
-        _em_kernel[(B, groups)](
+        _em_kernel[(groups, B)](
             f3, f3.stride(0), f3.stride(1), f3.stride(2),
             cam if cam is not None else dummy, weight if has_w else dummy,
             v_fg if has_v else dummy, v_bg if has_v else dummy, labels if labels is not None else dummy,
