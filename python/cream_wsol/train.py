@@ -89,6 +89,8 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    method: str = "cam"  # WSOL training method (methods.py, issue 9): cam | has | adl | cutmix
+    method_kwargs: Dict[str, float] = field(default_factory=dict)  # overrides of its defaults
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
@@ -311,6 +313,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
         _seed_everything(cfg.seed)
         model = build_model(cfg.arch, num_classes, large_feature_map=cfg.large_feature_map,
                             pretrained=None if resume else cfg.pretrained, **cfg.model_kwargs).to(device)
+        from .methods import make_method  # issue 9 hook: the WSOL method (HaS / ADL / CutMix)
+        method = make_method(cfg.method, **cfg.method_kwargs)
+        method.wrap(model)
         emb = _make_embeddings(num_classes, model.feature_dim, cfg.cream_momentum, cfg.cam_threshold,
                                cfg.embedding_init, cfg.seed).to(device)
         optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.classifier_lr_mult, cfg.weight_decay),
@@ -377,13 +382,14 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
             step_in_epoch = skip
             for batch in bar:
                 images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device).long()
+                images, loss_fn, emb_labels = method.prepare(images, labels)  # issue 9 hook (cam: unchanged)
                 logits, feats = ddp_model(images, return_features=True)
-                loss = F.cross_entropy(logits, labels)
+                loss = loss_fn(logits)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 # Eqs. 3-4 with the weight this forward used (before the step), features detached
                 with torch.no_grad():
-                    emb.update(feats.detach(), labels, classifier_weight=model.classifier_weight.detach())
+                    emb.update(feats.detach(), emb_labels, classifier_weight=model.classifier_weight.detach())
                 optimizer.step()
                 step_in_epoch += 1
                 global_step += 1
