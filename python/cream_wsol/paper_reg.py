@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["run_reg_parts", "PARTS", "METHOD_NAMES"]
+__all__ = ["run_reg_parts", "report_section", "PARTS", "METHOD_NAMES"]
 
 PARTS = ("pseudo", "reg", "methods")
 METHOD_NAMES = ("has", "adl", "cutmix")
@@ -203,7 +203,8 @@ def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: 
     Returns:
         ``{"tables": {"Table 2/3 (CREAM_Reg)", "Table 5", "Table 6 (pseudo boxes)", "Fig. 6 (right)"}:
         Markdown strings, "numbers": the same as {row: {column: {"mean", "std", "n", "values"}}},
-        "figures": {"fig6_right": path}, "time_s": {part: seconds, summed over runs}, "runs": the
+        "figures": {"fig6_right": path}, "time_s" / "cpu_s": {part: wall / process CPU seconds, summed
+        over runs}, "runs": the
         per-run raw results, "notes": [str]}``.
     """
     runs_in = [base_runs] if isinstance(base_runs, (str, os.PathLike)) else list(base_runs)
@@ -225,6 +226,8 @@ def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: 
             progress_cb(msg)
 
     times = {p: 0.0 for p in parts}
+    cpu = {p: 0.0 for p in parts}  # process CPU seconds: a load-independent view of the cost
+    c_start = time.process_time()
     runs: List[Dict[str, Any]] = []
     for i, run in enumerate(runs_in):
         ckpt = os.path.join(run, "checkpoint.pt") if os.path.isdir(run) else run
@@ -234,20 +237,23 @@ def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: 
         r: Dict[str, Any] = {"checkpoint": ckpt}
         if "pseudo" in parts:
             say(f"[CREAM_Reg {i + 1}/{len(runs_in)}] pseudo boxes (CREAM_Base, DDT) of the train split")
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             r["pseudo"] = _run_pseudo(ckpt, os.path.join(rdir, "pseudo_boxes"), curve, device, progress)
             times["pseudo"] += time.time() - t0
+            cpu["pseudo"] += time.process_time() - c0
         if "reg" in parts:
             say(f"[CREAM_Reg {i + 1}/{len(runs_in)}] box regressor on the pseudo boxes, CREAM_Reg on test")
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             r["reg"] = _run_reg(ckpt, r["pseudo"], os.path.join(rdir, "regressor"), quick, curve, device, progress)
             times["reg"] += time.time() - t0
+            cpu["reg"] += time.process_time() - c0
         if "methods" in parts:
             say(f"[CREAM_Reg {i + 1}/{len(runs_in)}] WSOL methods {', '.join(_LABELS[m] for m in methods)} "
                 "with and without CREAM")
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             r["methods"] = _run_methods(ckpt, os.path.join(rdir, "methods"), methods, curve, device, progress, say)
             times["methods"] += time.time() - t0
+            cpu["methods"] += time.process_time() - c0
         runs.append(r)
 
     tables: Dict[str, str] = {}
@@ -293,5 +299,34 @@ def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: 
         numbers["Fig. 6 (right)"] = {_LABELS[m]: num[m] for m in names}
         tables["Fig. 6 (right)"] = _md(["method", "MaxBoxAccV2", "MaxBoxAccV2 + CREAM", "PxAP", "PxAP + CREAM"], rows)
         figures["fig6_right"] = _fig_methods(runs, methods, os.path.join(out_dir, "fig6_right_methods.png"))
-    return {"tables": tables, "numbers": numbers, "figures": figures, "time_s": {**times,
-            "total": time.time() - t_start}, "runs": runs, "notes": notes}
+    return {"tables": tables, "numbers": numbers, "figures": figures,
+            "time_s": {**times, "total": time.time() - t_start},
+            "cpu_s": {**cpu, "total": time.process_time() - c_start}, "runs": runs, "notes": notes}
+
+
+def report_section(reg: Mapping[str, Any], out_dir: str) -> str:
+    """The Markdown of :func:`run_reg_parts`' tables, notes, figure and wall times, for report.md
+    (figure paths relative to ``out_dir``)."""
+    T = reg["tables"]
+    lines = ["## CREAM_Reg, pseudo boxes and other WSOL methods (issue 9)", ""]
+    lines += [f"- {n}" for n in reg.get("notes", [])]
+    blurbs = {
+        "Table 2/3 (CREAM_Reg)": "Class from the CAM classifier, box from the class-agnostic regressor trained on "
+                                 "CREAM_Base's pseudo boxes (CREAM_Reg), against the maps' own boxes (test split).",
+        "Table 5": "The calibrated map alone, added to the CAM (CREAM_Base), and with the regressor.",
+        "Table 6 (pseudo boxes)": "GT-known Loc of the pseudo boxes against the real train boxes: DDT (first "
+                                  "principal component of the class's pooled descriptors, same backbone) vs "
+                                  "CREAM_Base (ground-truth class map at the val tau).",
+        "Fig. 6 (right)": "Each WSOL method trained with the CREAM_Base run's schedule (only the method differs; "
+                          "the context embeddings are learned the same way), scored with its CAM and its CREAM map "
+                          "(test split).",
+    }
+    for name in ("Table 2/3 (CREAM_Reg)", "Table 5", "Table 6 (pseudo boxes)", "Fig. 6 (right)"):
+        if name in T:
+            lines += ["", f"### {name}", "", blurbs[name], "", T[name]]
+    if "fig6_right" in reg.get("figures", {}):
+        lines += ["", f"![Fig. 6 right]({os.path.relpath(reg['figures']['fig6_right'], out_dir)})"]
+    ts, cs = reg.get("time_s", {}), reg.get("cpu_s", {})
+    lines += ["", "Wall time of these parts (process CPU time in brackets): "
+              + ", ".join(f"{k} {v:.0f} s ({cs.get(k, float('nan')):.0f} s)" for k, v in ts.items()) + ".", ""]
+    return "\n".join(lines)

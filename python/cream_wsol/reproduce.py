@@ -184,6 +184,12 @@ def reproduce(out_dir: str = "cream_reproduce", *, seed: int = 0, quick: bool = 
     times = time_per_image(model, test_ds, emb, (0,) + ITERS, n_images=n_time, cam_threshold=cfg.cam_threshold,
                            device=device)
 
+    # issue 9 (paper_reg.py): CREAM_Reg (Tables 2/3, 5), pseudo boxes (Table 6), WSOL methods +- CREAM (Fig. 6 right)
+    from .paper_reg import report_section, run_reg_parts
+
+    reg = run_reg_parts(cfg.out_dir, os.path.join(out_dir, "reg"), quick=quick, device=device, progress=progress,
+                        progress_cb=say)
+
     # 6. figures + tables + report
     say("[6/6] figures and report")
     fig_paths = {
@@ -264,8 +270,11 @@ def reproduce(out_dir: str = "cream_reproduce", *, seed: int = 0, quick: bool = 
         "figures": {k: os.path.relpath(v, out_dir) for k, v in fig_paths.items()},
         "tables": tables, "histogram_stats": hist_stats, "total_time_s": None,
     }
+    results["tables"].update(reg["tables"])  # issue 9
+    results["cream_reg"] = {k: reg[k] for k in ("numbers", "time_s", "cpu_s", "notes")}
+    results["figures"].update({k: os.path.relpath(v, out_dir) for k, v in reg["figures"].items()})
     results["total_time_s"] = time.time() - t_start
-    report = _report(results, has_masks)
+    report = _report(results, has_masks) + "\n" + report_section(reg, out_dir)  # issue 9
     with open(os.path.join(out_dir, "report.md"), "w") as fh:
         fh.write(report)
     with open(os.path.join(out_dir, "results.json"), "w") as fh:
