@@ -25,6 +25,7 @@ by its definition (wsolevaluation), as everywhere in the harness.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
@@ -64,10 +65,10 @@ def _same_cfg(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return all(a.get(k) == v for k, v in b.items() if k not in skip)
 
 
-def _run_pseudo(ckpt: str, out: str, curve: float, device: str, progress: bool) -> Dict[str, Any]:
+def _run_pseudo(ckpt: str, out: str, curve: float, device: str, progress: bool, spec=None) -> Dict[str, Any]:
     from .pseudo_boxes import generate_pseudo_boxes
 
-    meta = generate_pseudo_boxes(ckpt, out, split="train", ddt=True, cam_curve_interval=curve,
+    meta = generate_pseudo_boxes(ckpt, out, split="train", ddt=True, cam_curve_interval=curve, spec=spec,
                                  device=device, progress=progress)
     return {"dir": out, "input_size": meta["input_size"], "tau": meta["tau"]["tau"],
             "CREAM_Base GT-known": meta["gt_known"], "DDT GT-known": meta["ddt"]["gt_known"],
@@ -75,7 +76,7 @@ def _run_pseudo(ckpt: str, out: str, curve: float, device: str, progress: bool) 
 
 
 def _run_reg(ckpt: str, pseudo: Dict[str, Any], out: str, quick: bool, curve: float, device: str,
-             progress: bool) -> Dict[str, Any]:
+             progress: bool, spec=None) -> Dict[str, Any]:
     from .data import WSOLDataset
     from .evaluate import MapSpec, evaluate
     from .regress import REGRESSOR_CHECKPOINT, RegressConfig, evaluate_cream_reg, train_regressor
@@ -104,7 +105,9 @@ def _run_reg(ckpt: str, pseudo: Dict[str, Any], out: str, quick: bool, curve: fl
     t1 = time.time()
     reg = evaluate_cream_reg(ckpt, summary["checkpoint"], split="test", device=device, progress=progress)
     test_ds = WSOLDataset(cfg.data_root, cfg.metadata_root, "test", train=False, image_size=cfg.image_size)
-    specs = {"CAM": MapSpec("cam"), "Calibrated map": MapSpec("calibrated"), "CREAM_Base": MapSpec("cream")}
+    cream = spec or MapSpec("cream")
+    specs = {"CAM": MapSpec("cam"), "Calibrated map": dataclasses.replace(cream, kind="calibrated"),
+             "CREAM_Base": cream}
     res = evaluate(model, test_ds, specs, embeddings={"learned": emb}, cam_threshold=cfg.cam_threshold,
                    cam_curve_interval=curve, device=device, progress=progress, desc="CAM / CREAM_Base on test")
     keys = ("Top-1 Loc", "Top-5 Loc", "GT-known Loc", "MaxBoxAccV2", "BoxAcc@50", "PxAP")
@@ -115,14 +118,14 @@ def _run_reg(ckpt: str, pseudo: Dict[str, Any], out: str, quick: bool, curve: fl
 
 
 def _run_methods(ckpt: str, out: str, methods: Sequence[str], curve: float, device: str, progress: bool,
-                 say: Callable[[str], None]) -> Dict[str, Any]:
+                 say: Callable[[str], None], spec=None) -> Dict[str, Any]:
     from .data import WSOLDataset
     from .evaluate import MapSpec, evaluate
     from .train import CHECKPOINT_NAME, TrainConfig, load_checkpoint, load_trained, train
 
     base = TrainConfig.from_dict(load_checkpoint(ckpt)["config"])
     test_ds = WSOLDataset(base.data_root, base.metadata_root, "test", train=False, image_size=base.image_size)
-    specs = {"map": MapSpec("cam"), "map + CREAM": MapSpec("cream")}
+    specs = {"map": MapSpec("cam"), "map + CREAM": spec or MapSpec("cream")}
     results: Dict[str, Any] = {}
     for m in ("cam",) + tuple(methods):
         t0 = time.time()
@@ -186,7 +189,7 @@ def _fig_methods(runs: List[Dict[str, Any]], methods: Sequence[str], path: str) 
 
 def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: bool = False,
                   device: str = "cpu", progress: bool = True, parts: Sequence[str] = PARTS,
-                  methods: Sequence[str] = METHOD_NAMES,
+                  methods: Sequence[str] = METHOD_NAMES, spec=None,
                   progress_cb: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Run the issue-9 experiments on trained CREAM_Base run(s); see the module docstring.
 
@@ -198,6 +201,9 @@ def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: 
             runs found there with the same config are reused, unfinished ones resumed).
         quick: a coarser tau grid (0.05) for CI-size runs (the schedule is the base run's).
         parts: any of ``"pseudo"``, ``"reg"`` (needs ``"pseudo"``), ``"methods"``.
+        methods: which of HaS / ADL / CutMix to train (``METHOD_NAMES``).
+        spec: the CREAM map (an ``evaluate.MapSpec``; default T=2, sigma 8, dot), e.g. the one the
+            reproduce picked on val; used for the pseudo boxes and every "+ CREAM" number.
         progress_cb: called with a one-line message at every stage (e.g. the reproduce's logger).
 
     Returns:
@@ -238,20 +244,22 @@ def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: 
         if "pseudo" in parts:
             say(f"[CREAM_Reg {i + 1}/{len(runs_in)}] pseudo boxes (CREAM_Base, DDT) of the train split")
             t0, c0 = time.time(), time.process_time()
-            r["pseudo"] = _run_pseudo(ckpt, os.path.join(rdir, "pseudo_boxes"), curve, device, progress)
+            r["pseudo"] = _run_pseudo(ckpt, os.path.join(rdir, "pseudo_boxes"), curve, device, progress, spec)
             times["pseudo"] += time.time() - t0
             cpu["pseudo"] += time.process_time() - c0
         if "reg" in parts:
             say(f"[CREAM_Reg {i + 1}/{len(runs_in)}] box regressor on the pseudo boxes, CREAM_Reg on test")
             t0, c0 = time.time(), time.process_time()
-            r["reg"] = _run_reg(ckpt, r["pseudo"], os.path.join(rdir, "regressor"), quick, curve, device, progress)
+            r["reg"] = _run_reg(ckpt, r["pseudo"], os.path.join(rdir, "regressor"), quick, curve, device, progress,
+                                spec)
             times["reg"] += time.time() - t0
             cpu["reg"] += time.process_time() - c0
         if "methods" in parts:
             say(f"[CREAM_Reg {i + 1}/{len(runs_in)}] WSOL methods {', '.join(_LABELS[m] for m in methods)} "
                 "with and without CREAM")
             t0, c0 = time.time(), time.process_time()
-            r["methods"] = _run_methods(ckpt, os.path.join(rdir, "methods"), methods, curve, device, progress, say)
+            r["methods"] = _run_methods(ckpt, os.path.join(rdir, "methods"), methods, curve, device, progress, say,
+                                        spec)
             times["methods"] += time.time() - t0
             cpu["methods"] += time.process_time() - c0
         runs.append(r)
