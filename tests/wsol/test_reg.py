@@ -214,3 +214,38 @@ def test_reproduce_parts(base_run, tmp_path):
     assert "| ADL |" in r["tables"]["Fig. 6 (right)"]
     with pytest.raises(ValueError, match="needs part 'pseudo'"):
         run_reg_parts(ckpt, str(tmp_path / "x"), parts=("reg",))
+
+
+def _ddp_regress_worker(rank, world, port, cfg_dict, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        summary = train_regressor(RegressConfig.from_dict(cfg_dict), resume=None)
+        torch.save({k: v.clone() for k, v in summary["model"].state_dict().items()},
+                   os.path.join(out_dir, f"reg_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: ~10 s on an idle machine, minutes on a loaded one
+def test_regressor_ddp_two_gloo_processes(base_run, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    from cream_wsol.pseudo_boxes import generate_pseudo_boxes
+
+    root, data, ckpt = base_run
+    generate_pseudo_boxes(ckpt, str(tmp_path / "pb"), tau=0.3, progress=False)
+    cfg = _rcfg(data, tmp_path / "pb", tmp_path / "ddp", epochs=1, batch_size=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_regress_worker, args=(2, port, cfg.to_dict(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "reg_rank0.pt"), torch.load(tmp_path / "reg_rank1.pt")
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]) or "running" in k or "num_batches" in k, k  # BN stats are per rank
+    ck = load_checkpoint(str(tmp_path / "ddp" / "regressor.pt"))
+    assert ck["world_size"] == 2 and len(ck["rng"]) == 2
+    assert ck["global_step"] == 2  # 12 images, 2 ranks, batch 3: 2 steps per rank
