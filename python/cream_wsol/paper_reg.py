@@ -320,7 +320,8 @@ def report_section(reg: Mapping[str, Any], out_dir: str) -> str:
     lines += [f"- {n}" for n in reg.get("notes", [])]
     blurbs = {
         "Table 2/3 (CREAM_Reg)": "Class from the CAM classifier, box from the class-agnostic regressor trained on "
-                                 "CREAM_Base's pseudo boxes (CREAM_Reg), against the maps' own boxes (test split).",
+                                 "CREAM_Base's pseudo boxes (CREAM_Reg), beside CAM and CREAM_Base, whose boxes come from "
+                                 "their maps (test split).",
         "Table 5": "The calibrated map alone, added to the CAM (CREAM_Base), and with the regressor.",
         "Table 6 (pseudo boxes)": "GT-known Loc of the pseudo boxes against the real train boxes: DDT (first "
                                   "principal component of the class's pooled descriptors, same backbone) vs "
