@@ -85,8 +85,10 @@ def _run_reg(ckpt: str, pseudo: Dict[str, Any], out: str, quick: bool, curve: fl
     model, emb, cfg = load_trained(ckpt, device=device)
     rcfg = RegressConfig(pseudo_root=pseudo["dir"], data_root=cfg.data_root, split="train", arch=cfg.arch,
                          pretrained=cfg.pretrained, large_feature_map=cfg.large_feature_map,
-                         image_size=int(pseudo["input_size"]), batch_size=cfg.batch_size, lr=cfg.lr,
-                         classifier_lr_mult=cfg.classifier_lr_mult, weight_decay=cfg.weight_decay,
+                         image_size=int(pseudo["input_size"]), batch_size=cfg.batch_size,
+                         # regress.REGRESSOR_LR_NOTE: from scratch, a tenth of the lr and no head multiplier
+                         lr=cfg.lr if cfg.pretrained else 0.1 * cfg.lr,
+                         classifier_lr_mult=cfg.classifier_lr_mult if cfg.pretrained else 1.0, weight_decay=cfg.weight_decay,
                          epochs=cfg.epochs, lr_step=cfg.lr_step, lr_gamma=cfg.lr_gamma, seed=cfg.seed,
                          out_dir=out, max_steps_per_epoch=cfg.max_steps_per_epoch, progress=progress, device=device,
                          model_kwargs=dict(cfg.model_kwargs))
