@@ -249,3 +249,22 @@ def test_regressor_ddp_two_gloo_processes(base_run, tmp_path):
     ck = load_checkpoint(str(tmp_path / "ddp" / "regressor.pt"))
     assert ck["world_size"] == 2 and len(ck["rng"]) == 2
     assert ck["global_step"] == 2  # 12 images, 2 ranks, batch 3: 2 steps per rank
+
+
+def test_pseudo_box_input_size_defaults():
+    from cream_wsol.pseudo_boxes import default_input_size
+    from cream_wsol.train import preset
+
+    assert default_input_size(preset("cub-resnet50")) == 448  # the paper's pseudo-box size
+    assert default_input_size(preset("ilsvrc-vgg16")) == 448
+    assert default_input_size(preset("synthetic", image_size=64)) == 64
+
+
+def test_regress_preset_lr_rule():
+    from cream_wsol.train import PRESETS
+
+    scratch = RegressConfig.from_preset("synthetic")
+    assert scratch.lr == pytest.approx(0.1 * PRESETS["synthetic"]["lr"]) and scratch.classifier_lr_mult == 1.0
+    lite0 = RegressConfig.from_preset("cub-efficientnet_lite0")
+    assert lite0.lr == PRESETS["cub-efficientnet_lite0"]["lr"] and lite0.classifier_lr_mult == 10.0
+    assert RegressConfig.from_preset("synthetic", lr=0.5).lr == 0.5  # an explicit value wins
