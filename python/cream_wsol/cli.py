@@ -7,6 +7,10 @@
         --metadata-root metadata/CUB --pretrained resnet50-19c8e357.pth --out runs/cub-r50
     cream-wsol evaluate runs/synth/checkpoint.pt --split test --maps cam,cream,free
     cream-wsol evaluate runs/cub-r50/best.pt --select-on val --save-maps runs/cub-r50/maps
+    cream-wsol train --preset synthetic --method adl --out runs/synth-adl
+    cream-wsol pseudo-boxes runs/synth/checkpoint.pt --split train --out runs/pseudo --ddt
+    cream-wsol regress --pseudo-boxes runs/pseudo --preset synthetic --out runs/reg \\
+        --evaluate runs/synth/checkpoint.pt
     torchrun --nproc_per_node 2 -m cream_wsol train --preset synthetic --out runs/ddp
 
 (``python -m cream_wsol ...`` is the same program.)
@@ -75,7 +79,51 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/train", help="output folder (checkpoint.pt, train_log.jsonl)")
     t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     t.add_argument("--resume", help="resume from this checkpoint (default: <out>/checkpoint.pt if present)")
+    # issue 9: WSOL training methods (methods.py)
+    t.add_argument("--method", default="cam", choices=["cam", "has", "adl", "cutmix"],
+                   help="WSOL training method, wsolevaluation's definitions and defaults (default: cam)")
+    t.add_argument("--method-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a method default, e.g. drop_rate=0.5 (repeatable)")
     _add_common(t)
+
+    # ---- pseudo-boxes (issue 9) ---------------------------------------------------------
+    pb = sub.add_parser("pseudo-boxes", help="CREAM_Base pseudo boxes of a split, in localization.txt format")
+    pb.add_argument("checkpoint", help="CREAM_Base checkpoint.pt (or its folder)")
+    pb.add_argument("--split", default="train")
+    pb.add_argument("--out", required=True, help="output metadata folder (gets <split>/localization.txt)")
+    pb.add_argument("--input-size", type=int, help="image side (default: 448 for cub/ilsvrc/openimages, "
+                    "else the training size)")
+    pb.add_argument("--tau", type=float, help="fixed threshold (default: val MaxBoxAccV2 tau at IoU 50)")
+    pb.add_argument("--ddt", action="store_true", help="also write DDT's boxes to <out>/ddt (Table 6 baseline)")
+    pb.add_argument("--data-root")
+    pb.add_argument("--metadata-root")
+    pb.add_argument("--batch-size", type=int, default=32)
+    pb.add_argument("--curve-interval", type=float, default=0.001)
+    _add_common(pb)
+
+    # ---- regress (issue 9) ----------------------------------------------------------------
+    rg = sub.add_parser("regress", help="train the class-agnostic box regressor of CREAM_Reg on pseudo boxes")
+    rg.add_argument("--pseudo-boxes", required=True, help="folder written by pseudo-boxes")
+    rg.add_argument("--preset", default="synthetic", choices=sorted(PRESETS), help="schedule/backbone preset")
+    rg.add_argument("--data-root", help="image folder (default: the one recorded by pseudo-boxes)")
+    rg.add_argument("--arch")
+    rg.add_argument("--pretrained")
+    rg.add_argument("--no-pretrained", action="store_true")
+    rg.add_argument("--epochs", type=int)
+    rg.add_argument("--lr", type=float)
+    rg.add_argument("--lr-step", type=int)
+    rg.add_argument("--batch-size", type=int)
+    rg.add_argument("--image-size", type=int, help="regressor input side (default: the pseudo boxes' size)")
+    rg.add_argument("--seed", type=int, default=0)
+    rg.add_argument("--ckpt-every-steps", type=int)
+    rg.add_argument("--max-steps-per-epoch", type=int)
+    rg.add_argument("--out", default="runs/regress")
+    rg.add_argument("--no-resume", action="store_true")
+    rg.add_argument("--evaluate", metavar="CKPT", help="then score CREAM_Reg on --eval-split with this "
+                    "CREAM_Base classifier checkpoint")
+    rg.add_argument("--eval-split", default="test")
+    rg.add_argument("--metadata-root", help="real metadata for --evaluate (default: the classifier's)")
+    _add_common(rg)
 
     # ---- evaluate -----------------------------------------------------------------
     e = sub.add_parser("evaluate", help="localization metrics of CAM / CREAM maps from a checkpoint")
@@ -179,6 +227,18 @@ def _cmd_train(a) -> int:
               f"(a torchvision-format {cfg.arch} state dict, e.g. {_TORCHVISION_FILES[cfg.arch]}) "
               "or --no-pretrained to train from random weights", file=sys.stderr)
         return 2
+    if a.method != "cam" or a.method_param:
+        from .methods import make_method
+
+        kw = {}
+        for item in a.method_param:
+            if "=" not in item:
+                print(f"error: --method-param expects KEY=VALUE; got {item!r}", file=sys.stderr)
+                return 2
+            k, v = item.split("=", 1)
+            kw[k.strip()] = float(v)
+        make_method(a.method, **kw)  # validates
+        cfg = cfg.replace(method=a.method, method_kwargs=kw)
     resume = None if a.no_resume else (a.resume or "auto")
     try:
         summary = train(cfg, resume=resume)
@@ -260,6 +320,58 @@ def _cmd_reproduce(a) -> int:
     return 0
 
 
+def _cmd_pseudo_boxes(a) -> int:
+    from .pseudo_boxes import generate_pseudo_boxes
+
+    meta = generate_pseudo_boxes(a.checkpoint, a.out, split=a.split, input_size=a.input_size,
+                                 data_root=a.data_root, metadata_root=a.metadata_root, tau=a.tau,
+                                 cam_curve_interval=a.curve_interval, batch_size=a.batch_size,
+                                 device=_device(a.device), progress=not a.no_progress, ddt=a.ddt)
+    out = {k: meta[k] for k in ("split", "input_size", "tau", "num_images", "gt_known")}
+    if "ddt" in meta:
+        out["ddt_gt_known"] = meta["ddt"]["gt_known"]
+    print(json.dumps(out))
+    return 0
+
+
+def _cmd_regress(a) -> int:
+    from .pseudo_boxes import PSEUDO_META
+    from .regress import RegressConfig, evaluate_cream_reg, train_regressor
+
+    meta_path = os.path.join(a.pseudo_boxes, PSEUDO_META)
+    meta = {}
+    if os.path.isfile(meta_path):
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+    data_root = a.data_root or meta.get("data_root")
+    if not data_root:
+        print(f"error: give --data-root ({meta_path} does not record one)", file=sys.stderr)
+        return 2
+    cfg = RegressConfig.from_preset(
+        a.preset, arch=a.arch, epochs=a.epochs, lr=a.lr, lr_step=a.lr_step, batch_size=a.batch_size,
+        image_size=a.image_size or meta.get("input_size"), ckpt_every_steps=a.ckpt_every_steps,
+        max_steps_per_epoch=a.max_steps_per_epoch)
+    cfg = cfg.replace(pseudo_root=a.pseudo_boxes, data_root=data_root, split=meta.get("split", "train"),
+                      seed=a.seed, out_dir=a.out, progress=not a.no_progress, device=_device(a.device))
+    if a.no_pretrained:
+        cfg = cfg.replace(pretrained=None)
+    elif a.pretrained:
+        cfg = cfg.replace(pretrained=a.pretrained)
+    summary = train_regressor(cfg, resume=None if a.no_resume else "auto")
+    if summary["rank"] != 0:
+        return 0
+    out = {"checkpoint": summary["checkpoint"], "time_s": round(summary["time_s"], 1),
+           "last_epoch": summary["log"][-1] if summary["log"] else {}}
+    if a.evaluate:
+        res = evaluate_cream_reg(a.evaluate, summary["checkpoint"], split=a.eval_split,
+                                 metadata_root=a.metadata_root or meta.get("metadata_root"),
+                                 device=_device(a.device), progress=not a.no_progress)
+        out["cream_reg"] = res["metrics"]
+        out["classification"] = res["classification"]
+    print(json.dumps(out))
+    return 0
+
+
 def _cmd_presets(a) -> int:
     from .train import PRESETS
 
@@ -275,7 +387,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         torch.set_num_threads(a.threads)
     return {"train": _cmd_train, "evaluate": _cmd_evaluate, "reproduce": _cmd_reproduce,
-            "presets": _cmd_presets}[a.command](a)
+            "presets": _cmd_presets, "pseudo-boxes": _cmd_pseudo_boxes, "regress": _cmd_regress}[a.command](a)
 
 
 if __name__ == "__main__":  # pragma: no cover

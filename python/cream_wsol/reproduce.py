@@ -709,8 +709,15 @@ def _report(R: Mapping[str, Any]) -> str:
     ]
     reg = [k for k in T if k.startswith("paper_reg: ")]
     if reg:
+        lines += ["Run on the CUB-like regime, small CNN, seed 0 only (`paper_reg.REPRODUCE_RUNS`: these parts "
+                  "cost about three CREAM_Base trainings, so all seeds would not fit the 30-minute budget); "
+                  "n is the number of runs behind each number.", ""]
         for k in reg:
             lines += [f"### {k[len('paper_reg: '):]}", "", T[k], ""]
+        for key, paths in fig.items():
+            if key.endswith("-issue9"):
+                for fk, p in paths.items():
+                    lines += [f"![{fk}]({p})", ""]
     else:
         lines += ["Not run: `cream_wsol.paper_reg.reproduce_sections` does not exist in this install.", ""]
     lines += ["## Cost", "", R["tables"]["cost"], ""]
@@ -880,6 +887,10 @@ def _reproduce(out_dir, seeds, regimes, backbones, quick, progress, device, epoc
             "fig1": figures.activation_histograms(figs["histograms"], os.path.join(d, "fig1_histograms.png")),
             "fig6": figures.boxacc_vs_tau(figs["curves"], figs["thresholds"], os.path.join(d, "fig6_boxacc_tau.png")),
         }
+    for r in runs:  # issue 9's figures (Fig. 6 right), from the run(s) that ran those parts
+        for fk, p in ((r.get("paper_reg") or {}).get("_figures") or {}).items():
+            if p and os.path.isfile(p):
+                fig_paths.setdefault(f"{r['regime']}-{r['backbone']}-issue9", {})[f"{fk} (seed {r['seed']})"] = p
     if not quick and "lite0" in backbones:
         t0 = time.time()
         try:

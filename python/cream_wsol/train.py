@@ -90,7 +90,7 @@ RESUME_MUST_MATCH = (
     "preset", "dataset", "data_root", "metadata_root", "train_split", "arch", "pretrained",
     "large_feature_map", "image_size", "crop_size", "batch_size", "lr", "classifier_lr_mult",
     "sgd_momentum", "weight_decay", "lr_step", "lr_gamma", "cream_momentum", "cam_threshold",
-    "embedding_init", "seed", "max_steps_per_epoch", "model_kwargs",
+    "embedding_init", "seed", "max_steps_per_epoch", "model_kwargs", "method", "method_kwargs",
 )
 
 
@@ -150,6 +150,8 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    method: str = "cam"  # WSOL training method (methods.py, issue 9): cam | has | adl | cutmix
+    method_kwargs: Dict[str, float] = field(default_factory=dict)  # overrides of its defaults
 
     def replace(self, **kw) -> "TrainConfig":
         return dataclasses.replace(self, **kw)
@@ -589,6 +591,9 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
         _seed_everything(cfg.seed)
         model = build_model(cfg.arch, num_classes, large_feature_map=cfg.large_feature_map,
                             pretrained=None if resume else cfg.pretrained, **cfg.model_kwargs).to(device)
+        from .methods import make_method  # issue 9 hook: the WSOL method (HaS / ADL / CutMix)
+        method = make_method(cfg.method, **cfg.method_kwargs)
+        method.wrap(model)
         emb = _make_embeddings(num_classes, model.feature_dim, cfg.cream_momentum, cfg.cam_threshold,
                                cfg.embedding_init, cfg.seed).to(device)
         optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.classifier_lr_mult, cfg.weight_decay),
@@ -719,13 +724,14 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                 stop_now = False
                 for batch in bar:
                     images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device).long()
+                    images, loss_fn, emb_labels = method.prepare(images, labels)  # issue 9 hook (cam: unchanged)
                     logits, feats = ddp_model(images, return_features=True)
-                    loss = F.cross_entropy(logits, labels)
+                    loss = loss_fn(logits)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     # Eqs. 3-4 with the weight this forward used (before the step), features detached
                     with torch.no_grad():
-                        emb.update(feats.detach(), labels, classifier_weight=model.classifier_weight.detach())
+                        emb.update(feats.detach(), emb_labels, classifier_weight=model.classifier_weight.detach())
                     optimizer.step()
                     step_in_epoch += 1
                     global_step += 1
