@@ -159,7 +159,7 @@ def main():
             for cl in (False, True):
                 if "em" in a.kernels:
                     for K, mode, cos, sa in ((1, "tab", False, False), (1, "tab", True, False),
-                                             (1, "w_tab", False, True), (4, "w_tab", False, False),
+                                             (1, "w_tab", False, True), (5, "w_tab", False, True),
                                              (1, "cam", False, False)):
                         rows.append(em_case(d, N, dtype, cl, K, mode, cos, sa))
                         print(json.dumps(rows[-1]), flush=True)
