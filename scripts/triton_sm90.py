@@ -87,7 +87,6 @@ def compile_kernel(fn, args, consts, num_warps, num_stages=1):
     regs = int(re.search(r"Used (\d+) registers", info).group(1))
     spill_st = int(re.search(r"(\d+) bytes spill stores", info).group(1))
     spill_ld = int(re.search(r"(\d+) bytes spill loads", info).group(1))
-    loads = re.findall(r"ld\.global(?:\.[a-z0-9]+)*?\.(v[248])?\.?(b16|b32|b64|u16|u8|b8)", ptx)
     widths = {}
     for line in ptx.splitlines():
         m = re.search(r"ld\.global[^ \t]*", line)
