@@ -470,7 +470,7 @@ def launch_config(f3, K: int) -> dict:
 def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label,
                   num_iters, sigma, sigma_auto, ratio, cosine, outputs) -> None:
     """Launch the fused EM kernel (inputs validated and laid out by ops.py; the
-    contract is in /work HELPERS / csrc/kernels.h EMParams).
+    backend contract is csrc/kernels.h EMParams, row r = b*K + k).
 
     f3 [B, d, N] features (unit stride over N or d); cam float32 [B*K, N]
     contiguous or None when weight (float32 [C, d]) is given; v_fg/v_bg
