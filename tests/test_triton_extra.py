@@ -7,7 +7,6 @@ test touches a few pages only). Runs under TRITON_INTERPRET=1 (conftest)."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch

@@ -50,7 +50,7 @@ EPS = 1e-12  # SPEC.md cosine eps (common.h kEps)
 #   NCHW (unit stride over N): a pixel row is shared by BLOCK_N / VEC_N
 #     threads and each [BLOCK_D] vector is replicated that many times.
 # The rule (feature_blocks): BLOCK_N is the largest power of 2 <= N such that
-#   tile registers    BLOCK_D * BLOCK_N / threads        <= TILE_REGS
+#   tile registers    KB * BLOCK_D * BLOCK_N / threads   <= TILE_REGS
 #   vector registers  VEC_ROWS * KB * BLOCK_D * replicas / threads <= VEC_REGS
 # and, in NCHW, BLOCK_N >= VEC_N where the vector budget allows, so each
 # channel row is read as whole 16-byte vectors (the old fixed 8192-element
@@ -98,7 +98,8 @@ def feature_blocks(f3, kb: int = 1) -> dict:
 
     def cost(bn):
         replicas = 1 if cl else max(1, min(bn // vec_n, threads))
-        return block_d * bn / threads, VEC_ROWS * kb * block_d * replicas / threads
+        # the KB-row products [KB, BLOCK_D, BLOCK_N] are KB tiles' worth of registers
+        return kb * block_d * bn / threads, VEC_ROWS * kb * block_d * replicas / threads
 
     block_n = 2
     while block_n * 2 <= n_cap:

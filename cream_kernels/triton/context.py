@@ -40,6 +40,14 @@ counters, but its parallelism is d/BLOCK (32-128 programs) with a serial B
 loop per program, and it cannot compute the CAM from the classifier weight
 (a dot over all channels), so it was not chosen.
 
+Offsets inside an image are int64 (``_common.load_raw``, issue 11): an image
+of more than 2^31 elements is read correctly. Aliasing (features, CAM or
+classifier weight sharing memory with the tables being updated): the fused
+launch could update a row while another program still reads it, so
+``context_update`` then runs ``context_stats`` and ``context_apply`` as two
+launches (every read before any write; ops.py also rejects such inputs for
+the public API).
+
 ``context_stats`` is the same kernel without the update; ``context_apply``
 (distributed path: statistics gathered from all ranks) is a kernel over
 samples where the program of each label's first occurrence applies that

@@ -4,10 +4,10 @@ kernel launch per call.
 Design
 ------
 Rows: r = b*K + k is image b re-activating class k of its K classes (the
-backend contract, csrc/kernels.h EMParams). Grid ``(B, ceil(K / KB))``:
-program (b, g) owns rows b*K + g*KB ... + KB-1 of image b, KB = min(next_pow2(K),
-KB_MAX = 4), and everything about them (CAM statistics, centroids, mixing
-weights, sigma, calibration), so nothing crosses programs: no host round
+backend contract, csrc/kernels.h EMParams). Grid ``(ceil(K / KB), B)``:
+program (g, b) owns rows b*K + g*KB ... + KB-1 of image b, KB =
+min(next_pow2(K), KB_MAX = 4) for d <= 64 and 1 above, and everything about
+them (CAM statistics, centroids, mixing weights, sigma, calibration), so nothing crosses programs: no host round
 trip, no ``.item()``, no per-image Python loop, deterministic.
 
 Every pass over the features walks pixel tiles of the image's [d, N] matrix;
@@ -18,7 +18,10 @@ they give weight the same registers at once for the KB rows' M-step sums
 ([KB, BLOCK_D] each). **One pass reads the tile once for all KB rows**; K <= 4
 classes (top-1..top-4) are therefore read once per pass, K = 5..8 by two
 programs of the same image (each reading it once per pass, concurrently, so
-the second read mostly hits L2). Passes over F per call (T = num_iters):
+the second read mostly hits L2). That is for d <= 64; above it KB = 1 (the
+K-row products cost too many registers: figures below), so each class is its
+own program and reads the image itself, the K programs of an image running
+side by side. Passes over F per row and call (T = num_iters):
 
     given CAM, tables/per-row centroids     T          (E+M fused; last E-step)
     + training-free init                    T + 1      (CAM-masked means)
@@ -57,9 +60,29 @@ next tile's loads are issued into registers before the current tile is
 reduced (PREFETCH; Triton 3.9's num_stages pipeliner only stages loads that
 feed tl.dot, and gave identical PTX with num_stages=3: no cp.async).
 
-Compile-time figures (sm_90, Triton 3.9, ptxas -v via
-``scripts/triton_sm90.py``; no GPU here, so no timings): see the table at
-the end of this docstring.
+Compile-time figures (sm_90a, Triton 3.9, the ptxas Triton uses, -v, via
+``scripts/triton_sm90.py``; no GPU here, so no timings). d=2048, 28x28,
+tables, dot, K=1, 16 warps; "load" is the feature tile's per-thread run
+(TTGIR sizePerThread along the unit-stride axis; PTX ld.global.v4 present):
+
+    before (f4f3515..6574a19)        regs  spills  BLOCK_N  feature load
+      fp32 NCHW / CL                 98 / 118   0 / 0    4 / 8   16 B / 16 B
+      bf16 NCHW / CL                 98 / 128   0 / 0    4 / 8    8 B / 16 B
+    after (this file)
+      fp32 NCHW / CL (no prefetch)   124 / 123  0 / 0    8 / 8   16 B / 16 B
+      bf16 NCHW / CL (prefetch)      128 / 128  0 / 8 B  8 / 8   16 B / 16 B
+
+  so bf16 NCHW now loads 16-byte vectors (8 pixels per channel row) and keeps
+  the next tile in flight; the fp32 tile doubles in NCHW (8 pixels, 64 KiB
+  per program in flight). The hand prefetch is off for fp32: it spilled
+  224 B (NCHW) / 24 B (CL) at d=2048. num_stages=3 gave the same PTX as 1
+  (no cp.async). The K-row form (KB > 1, [KB, d, n] products) spilled
+  13 KB at d=2048 and used 255 registers with spills at d=256, so KB > 1 is
+  used only for d <= 64 (d=64, K=4, 28x28: 168 registers, 0 B spills fp32
+  NCHW, 56 B bf16 channels_last); larger d run one row per program, the K
+  programs of an image adjacent in the grid (axis 0), so they run at the same
+  time and the image's second to K-th reads come from L2 rather than HBM
+  (the number of HBM passes is to be measured with ncu on a GPU).
 
 Not done (issue 11 section 3): splitting one image over several programs
 when B < #SMs. Batch 1 runs ceil(K/4) programs, i.e. uses one or two SMs of
@@ -447,7 +470,7 @@ def launch_config(f3, K: int) -> dict:
 def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label,
                   num_iters, sigma, sigma_auto, ratio, cosine, outputs) -> None:
     """Launch the fused EM kernel (inputs validated and laid out by ops.py; the
-    contract is in /work HELPERS / csrc/kernels.h EMParams).
+    backend contract is csrc/kernels.h EMParams, row r = b*K + k).
 
     f3 [B, d, N] features (unit stride over N or d); cam float32 [B*K, N]
     contiguous or None when weight (float32 [C, d]) is given; v_fg/v_bg
