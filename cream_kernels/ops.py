@@ -21,9 +21,12 @@ each backend reads the features for them:
                (the in-kernel CAMs from classifier_weight, the training-free init,
                sigma="auto"'s logit gaps, each E-step and M-step) reads a feature
                row (NCHW) or pixel vector (channels_last) once for all K rows
-    triton     contract: the same K rows from one read of the image where its
-               design allows (to be confirmed by the Triton helper)
-    cuda       contract: the same (to be confirmed by the CUDA helper)
+    triton     d <= 64: one program runs up to KB of an image's rows from one
+               read; larger d: one program per row (the multi-row form spilled
+               registers at sm_90), an image's K programs adjacent in the grid
+               so their repeated reads can hit L2 (not yet measured on a GPU)
+    cuda       generic kernel: one CTA per row, an image's K CTAs adjacent (the
+               same L2 reasoning, not yet measured); see csrc/cuda
 
 Non-finite inputs are not checked (that would cost a second read of the
 features); they propagate: a NaN or Inf in an image's features or CAM makes
@@ -33,7 +36,6 @@ update a non-finite sample poisons the rows of its class.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import warnings
@@ -345,18 +347,6 @@ def _em_outputs(R, d, h, w, device):
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_em_has_new_api() -> bool:
-    """Whether cream_kernels.triton.em.em_reactivate takes the issue-12 contract
-    (f3, cam, weight, ...). Shim for the branch merge: the lead removes it (and
-    the old-signature call below) once the Triton rewrite is merged."""
-    import inspect
-
-    from .triton import em
-
-    return "weight" in inspect.signature(em.em_reactivate).parameters
-
-
 def _em_kernel(name: str, features, cam, weight, fg, bg, labels, K, num_iters, sigma, sigma_auto, ratio, cosine):
     """Lay out and launch one kernel backend; R = B*K rows (row r = b*K + k)."""
     B, d, h, w = features.shape
@@ -366,18 +356,8 @@ def _em_kernel(name: str, features, cam, weight, fg, bg, labels, K, num_iters, s
         f3 = feature_view(features)
         cam2 = None if cam is None else _cam_f32(cam.reshape(R, h * w))
         v_by_label = fg is not None and labels is not None
-        mod = _kernels(name, "em")
-        if name == "triton" and not _triton_em_has_new_api():  # pre-issue-12 Triton kernel (merge shim)
-            if weight is not None or K != 1 or sigma_auto:
-                raise BackendUnavailable(
-                    "this tree's Triton EM kernel predates classifier_weight, K classes per image and sigma='auto'"
-                )
-            mod.em_reactivate(f3, cam2, _f32c(fg), _f32c(bg), _i64c(labels) if v_by_label else None, num_iters, sigma,
-                              ratio, cosine, outs[:6])
-            outs[6].fill_(sigma)
-        else:
-            mod.em_reactivate(f3, cam2, _weight_f32(weight), _f32c(fg), _f32c(bg), _i64c(labels), K, v_by_label, num_iters,
-                              sigma, sigma_auto, ratio, cosine, outs)
+        _kernels(name, "em").em_reactivate(f3, cam2, _weight_f32(weight), _f32c(fg), _f32c(bg), _i64c(labels), K,
+                                           v_by_label, num_iters, sigma, sigma_auto, ratio, cosine, outs)
     out, z, vf, vb, mix, picked, sig = outs
     return out, z, vf, vb, mix, picked.view(torch.bool), sig
 
@@ -699,8 +679,9 @@ def em_reactivate(
         reference  repeats the image's features K times (float64, clarity first)
         cpu        one thread per image runs its K rows together, reading each
                    feature row once per pass for all K classes
-        triton     per the backend contract (to be confirmed by the Triton helper)
-        cuda       per the backend contract (to be confirmed by the CUDA helper)
+        triton     d <= 64: a program's rows share one read; larger d: one
+                   program per row, an image's programs adjacent (L2 reuse)
+        cuda       one CTA per row, an image's CTAs adjacent (L2 reuse)
     """
     unbatched = isinstance(features, Tensor) and features.dim() == 3
     if unbatched:

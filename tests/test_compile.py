@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cream_kernels as ck
-from _helpers import TOL, _new_features_ok, assert_close, backend_ids, kernel_backends, make_inputs
+from _helpers import TOL, assert_close, backend_ids, kernel_backends, make_inputs
 
 BACKENDS = [("reference", torch.device("cpu"))] + kernel_backends()
 
@@ -23,8 +23,6 @@ def test_opcheck_em(backend, device):
         (cam.repeat_interleave(3, 0), None, fg, bg, labels_k, 3, 1.0, True, True),
         (cam.repeat_interleave(2, 0), None, fg.repeat(2, 1)[:4], bg.repeat(2, 1)[:4], None, 2, 4.0, False, False),
     ]
-    if not _new_features_ok(backend):
-        cases = cases[:2]
     for cam_, w, v_fg, v_bg, lab, K, sigma, auto, cosine in cases:
         args = (f, cam_, w, v_fg, v_bg, lab, K, 2, sigma, auto, 0.2, cosine, backend)
         torch.library.opcheck(torch.ops.cream_kernels.em_reactivate.default, args)

@@ -5,7 +5,7 @@ import torch
 
 import cream_kernels as ck
 from cream_kernels import reference as ref
-from _helpers import TOL, assert_close, backend_ids, kernel_backends, make_inputs, skip_unless_new_features, supports
+from _helpers import TOL, assert_close, backend_ids, kernel_backends, make_inputs, supports
 
 BACKENDS = kernel_backends()
 ALL = [("reference", torch.device("cpu"))] + BACKENDS
@@ -60,7 +60,6 @@ def _compare(got, exp, dtype, label=""):
 @pytest.mark.parametrize("mode", ["table", "per_image", "training_free"])
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
 def test_modes_against_reference(backend, device, mode, source, sigma, K, similarity):
-    skip_unless_new_features(backend)
     f, cams, weight, fg, bg, labels = _inputs(3, 21, 6, 9, 3, device=device)
     kw = dict(mode=mode, source=source, K=K, cams=cams, weight=weight, fg=fg, bg=bg, labels=labels,
               sigma=sigma, similarity=similarity, cam_threshold=0.3)
@@ -77,7 +76,6 @@ def test_modes_against_reference(backend, device, mode, source, sigma, K, simila
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
 def test_dtypes_layouts_against_reference(backend, device, dtype, layout, similarity):
-    skip_unless_new_features(backend)
     if not supports(backend, dtype):
         pytest.skip(f"{backend} does not take {dtype}")
     f, cams, weight, fg, bg, labels = _inputs(2, 37, 7, 7, 4, dtype=dtype, device=device, layout=layout, seed=3)
@@ -95,7 +93,6 @@ def test_dtypes_layouts_against_reference(backend, device, dtype, layout, simila
 @pytest.mark.parametrize("sigma", [8.0, "auto"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_k_classes_equal_k_separate_calls(backend, device, source, sigma, layout):
-    skip_unless_new_features(backend)
     K = 4
     f, cams, weight, fg, bg, labels = _inputs(3, 33, 5, 8, K, device=device, layout=layout, seed=5)
     src = dict(cam=cams) if source == "cam" else dict(classifier_weight=weight)
@@ -124,7 +121,6 @@ def test_k_classes_equal_k_separate_calls(backend, device, source, sigma, layout
 @pytest.mark.parametrize("backend,device", ALL, ids=backend_ids(ALL))
 def test_weight_equals_given_cam(backend, device):
     """The in-kernel CAM is W[y] . f: passing that CAM explicitly gives the same result."""
-    skip_unless_new_features(backend)
     f, _, weight, fg, bg, labels = _inputs(3, 24, 6, 6, 2, device=device, seed=7)
     cam = torch.einsum("bdhw,bkd->bkhw", f.double(), weight.double()[labels]).float()
     for emb in (dict(fg_embedding=fg, bg_embedding=bg), {}):
@@ -137,7 +133,6 @@ def test_weight_equals_given_cam(backend, device):
 @pytest.mark.parametrize("similarity", ["dot", "cosine"])
 def test_auto_sigma_is_scale_free(backend, device, similarity):
     """SPEC.md: scaling the features by c > 0 (centroids learned from them) leaves Z unchanged."""
-    skip_unless_new_features(backend)
     f, cams, weight, _, _, labels = _inputs(2, 16, 7, 7, 2, device=device, seed=9)
     base = ck.em_reactivate(f, None, labels=labels, classifier_weight=weight, sigma="auto", similarity=similarity,
                             return_extras=True, backend=backend)
@@ -172,7 +167,6 @@ def test_auto_sigma_rule_by_hand():
 @pytest.mark.parametrize("case", ["constant_features", "zero_features", "equal_tables"])
 def test_auto_sigma_degenerate(backend, device, similarity, case):
     """No spread in the logit gap: Z = a (0.5 at the first E-step), sigma_used = inf, never NaN."""
-    skip_unless_new_features(backend)
     f, cams, weight, fg, bg, labels = _inputs(2, 12, 5, 5, 2, device=device, seed=13)
     if case == "constant_features":
         f = torch.full_like(f, 0.7)
@@ -194,7 +188,6 @@ def test_auto_sigma_degenerate(backend, device, similarity, case):
 
 @pytest.mark.parametrize("backend,device", ALL, ids=backend_ids(ALL))
 def test_empty_batch_k(backend, device):
-    skip_unless_new_features(backend)
     f = torch.rand(0, 4, 3, 3, device=device)
     r = ck.em_reactivate(f, None, labels=torch.zeros(0, 3, dtype=torch.long, device=device),
                          classifier_weight=torch.randn(2, 4, device=device), sigma="auto", return_extras=True,

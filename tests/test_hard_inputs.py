@@ -13,7 +13,7 @@ import torch
 
 import cream_kernels as ck
 from cream_kernels import ops
-from _helpers import TOL, _new_features_ok, assert_close, backend_ids, kernel_backends, make_inputs
+from _helpers import TOL, assert_close, backend_ids, kernel_backends, make_inputs
 
 BACKENDS = [("reference", torch.device("cpu"))] + kernel_backends()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -243,8 +243,7 @@ def test_no_gradient(backend, device):
     w = torch.nn.Parameter(torch.randn(3, 9, device=device))
     outs = [ck.em_reactivate(f, cam, fg, bg, labels, backend=backend),
             ck.em_reactivate(f, cam, fg, bg, labels, return_extras=True, backend=backend).z_fg]
-    if _new_features_ok(backend):
-        outs.append(ck.em_reactivate(f, None, fg, bg, labels, classifier_weight=w, backend=backend))
+    outs.append(ck.em_reactivate(f, None, fg, bg, labels, classifier_weight=w, backend=backend))
     for out in outs:
         assert out.grad_fn is None and not out.requires_grad
     t = [torch.zeros(3, 9, device=device) for _ in range(2)]
