@@ -25,15 +25,26 @@
 //   where they stay because few images are in flight; see plan_em_cluster.)
 //   256 threads per CTA, __launch_bounds__(256, 2). Per iteration:
 //     E: partial logits over the CTA's channels for all N pixels;
-//        reduce-scatter through distributed shared memory: pixel i belongs to
-//        CTA i / ceil(N/cs), which adds the cs partials in rank order;
+//        reduce-scatter through distributed shared memory: CTA s owns pixels
+//        [s*N/cs, (s+1)*N/cs) (at least one: the planner needs N >= cs), and
+//        adds the cs partials of its pixels in rank order;
 //     the owners compute Z and push (Z_fg, Z_bg) (times the pixel's inverse
 //        norm for cosine) into every CTA's coefficient buffer, plus their
-//        masses; one cluster barrier;
+//        masses;
 //     M: each CTA's channel sums are then local: sum_i u_i f_i over its slice.
-//   Two cluster barriers per iteration (three with cosine, for the centroid
-//   norms). Channel slices make the global slice of NCHW features one
-//   contiguous block, and keep the exchanged data at O(N) per iteration.
+//   The exchanges are st.async stores into the peers' shared memory, each
+//   completing its bytes on the receiver's mbarrier (one per kind of message:
+//   partials, coefficients + masses, centroid norms for cosine), so a step
+//   waits for exactly the data it needs and no cluster barrier runs in the
+//   loop. (A barrier.cluster arrive.release/wait.acquire pair compiles to
+//   MEMBAR.ALL.GPU + CCTL.IVALL: a GPU-wide fence that waits for every
+//   outstanding global access plus an L1 invalidate, two or three times per
+//   iteration. The SASS of the bf16/16-byte/NCHW kernel at sm_90a had 5
+//   MEMBAR.ALL.GPU, 6 CCTL.IVALL and 6 UCGABAR_ARV/WAIT pairs before, and has
+//   0 MEMBAR, 2 CCTL.IVALL (the two cluster barriers at start and exit) and
+//   SYNCS.ARRIVE/PHASECHK mbarrier operations now.) Channel slices make the
+//   global slice of NCHW features one contiguous block, and keep the exchanged
+//   data at O(N) per iteration.
 //
 // Both accumulate in float32 and take every sum in a fixed order, so results
 // do not depend on scheduling.
@@ -320,7 +331,7 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
 struct EmClusterCfg {
   int cs;         // CTAs per cluster (one cluster per image)
   int cl;         // channels per CTA
-  int rown;       // pixels owned per CTA (ceil(N / cs))
+  int rown;       // most pixels owned by one CTA (ceil(N / cs)); CTA s owns [s*N/cs, (s+1)*N/cs)
   int rownp;      // rown rounded up to 4
   int npad;       // N rounded up to 4
   int clp;        // cl rounded up to 4
@@ -335,8 +346,8 @@ struct EmClusterCfg {
   int scratch;    // floats of col_reduce scratch
   int64_t mat_bytes;
   // float offsets after the slice
-  int off_w, off_vf, off_vb, off_sf, off_sb, off_xq, off_recv, off_uu, off_g, off_z, off_zb, off_slots, off_red,
-      off_scr;
+  int off_w, off_vf, off_vb, off_sf, off_sb, off_xq, off_recv, off_uu, off_g, off_z, off_zb, off_slots, off_bar,
+      off_red, off_scr;
   int64_t smem;  // dynamic shared memory bytes (<= 0: does not fit)
 };
 
@@ -345,8 +356,13 @@ constexpr int kClusterThreads = 256;
 // Configuration for cs CTAs per image within `smem_budget` bytes of shared
 // memory per CTA: as many rows of the slice resident as fit (all of them when
 // possible, trading col_reduce scratch for residency first).
+// g_min: the least lanes per row of the shared-memory row_reduce; 0 = the
+// default (row_lanes), which pads the row pitch against bank conflicts. With
+// g_min >= 128 / VB a row's lanes cover whole 128-byte wavefronts and the rows
+// need no padding (channels_last 28x28 bf16: 784 rows of 256 bytes, 213 KB
+// padded to 272 bytes a row, 200 KB unpadded).
 inline EmClusterCfg make_cluster_cfg(int64_t d, int64_t N, int elem, int VB, bool nhwc, int num_iters, bool trainfree,
-                                     bool cosine, int nt, int cs, int64_t smem_budget) {
+                                     bool cosine, int nt, int cs, int64_t smem_budget, int g_min = 0) {
   EmClusterCfg c{};
   c.smem = -1;
   const int V = VB / elem;
@@ -354,6 +370,7 @@ inline EmClusterCfg make_cluster_cfg(int64_t d, int64_t N, int elem, int VB, boo
   int64_t cl = ceil_div(d, cs);
   if (nhwc) cl = round_up(cl, V);  // keeps each CTA's first channel vector-aligned
   if ((cs - 1) * cl >= d) return c;  // some CTA would own no channel: use fewer CTAs
+  if (N < cs) return c;              // some CTA would own no pixel (the exchange needs every CTA to own one)
   c.cl = static_cast<int>(cl);
   c.clp = static_cast<int>(round_up(cl, 4));
   c.rown = static_cast<int>(ceil_div(N, cs));
@@ -366,6 +383,7 @@ inline EmClusterCfg make_cluster_cfg(int64_t d, int64_t N, int elem, int VB, boo
   c.row_bytes = cols * elem;
   const int ncv = static_cast<int>(ceil_div(cols, V));
   c.g_smem = row_lanes(static_cast<int>(rows), ncv, nt, false);
+  if (g_min > c.g_smem) c.g_smem = g_min < pow2_at_least(ncv) ? g_min : pow2_at_least(ncv);
   c.g_glob = row_lanes(static_cast<int>(rows), ncv, nt, true);
   c.pitch = smem_pitch(cols, elem, VB, c.g_smem);
   int off = 0;
@@ -393,6 +411,8 @@ inline EmClusterCfg make_cluster_cfg(int64_t d, int64_t N, int elem, int VB, boo
   off += c.rownp;
   c.off_slots = off;
   off += static_cast<int>(round_up(3 * 2 * cs, 4));
+  c.off_bar = off;  // three 8-byte mbarriers (16-byte aligned)
+  off += 8;
   c.off_red = off;
   off += 64;
   c.off_scr = off;
@@ -449,6 +469,10 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
   float* oz = fl + c.off_z;       // [rownp] last Z_fg of owned pixels
   float* ozb = fl + c.off_zb;     // [rownp] last Z_bg of owned pixels
   float* slots = fl + c.off_slots;  // [3][cs][2]: masses, calibration sums, centroid norms
+  uint64_t* bars = reinterpret_cast<uint64_t*>(fl + c.off_bar);
+  uint64_t* barX = bars;      // phase: the partial logits of this CTA's pixels have arrived
+  uint64_t* barU = bars + 1;  // phase: the M-step coefficients and masses (or calibration sums) have arrived
+  uint64_t* barN = bars + 2;  // phase: the centroid norm partials (cosine) have arrived
   float* red = fl + c.off_red;
   float* scr = fl + c.off_scr;
 
@@ -458,8 +482,11 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
   const int d = static_cast<int>(p.f.d), N = static_cast<int>(p.f.N);
   const int k0 = rank * c.cl;
   const int Cr = d - k0 < c.cl ? (d - k0 > 0 ? d - k0 : 0) : c.cl;  // channels of this CTA
-  const int o0 = rank * c.rown;
-  const int nown = N - o0 < c.rown ? (N - o0 > 0 ? N - o0 : 0) : c.rown;  // pixels owned
+  // Pixels owned: CTA s owns [start(s), start(s + 1)), at least one (N >= cs).
+  auto start = [&](int s) { return static_cast<int>(static_cast<int64_t>(s) * N / cs); };
+  auto owner = [&](int i) { return static_cast<int>((static_cast<int64_t>(i + 1) * cs - 1) / N); };
+  const int o0 = start(rank);
+  const int nown = start(rank + 1) - o0;
   const T* Fb = static_cast<const T*>(p.f.data) + b * p.f.stride_b;
   // This CTA's slice: NCHW rows = its channels, columns = pixels;
   // channels_last rows = pixels, columns = its channels.
@@ -511,17 +538,39 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
     m_sweep_in(mat, c.pitch, c.g_smem, 0, rres, false);
     if (rres < rows) m_sweep_in(gslice, gpitch, c.g_glob, rres, rows, true);
   };
-  // Sum of (a, b) over the cluster: push to slot `kind` of every CTA, barrier,
-  // add the cs values in rank order (the same bits in every CTA).
-  auto cluster_sum2 = [&](int kind, float a, float bsum, float& ra, float& rb) {
-    if (t == 0) {
-      for (int s = 0; s < cs; ++s) {
-        float* dst = ck_cluster_map(slots, s) + (kind * cs + rank) * 2;
+  // The exchange (no cluster barrier in the loop): each kind of message has an
+  // mbarrier in every CTA; a sender st.async-s its values into the peer's
+  // buffer, each store completing its bytes on the peer's mbarrier, and writes
+  // its own share locally; the receiver announces the peers' byte count
+  // (ck_mbar_expect), then waits for the phase. The messages follow one fixed
+  // sequence (X, U, [N], X, U, [N], ...), never the same kind twice in a row,
+  // and every step is all-to-all (every CTA owns a pixel and sends every peer
+  // its partials, coefficients and sums). So a CTA sends its step-n+1 data
+  // only after it received every peer's step-n data, which each peer sent
+  // after finishing its own step n-1 (reads of the buffers included): one
+  // buffer per kind suffices, and no phase can receive the next phase's bytes.
+  int phX = 0, phU = 0, phN = 0;
+  auto finish = [&](uint64_t* bar, int& ph, unsigned bytes) {
+    if (t == 0) ck_mbar_expect(bar, bytes);
+    ck_sync();  // this CTA's local share is written
+    ck_mbar_wait(bar, ph & 1);
+    ++ph;
+  };
+  // Push (a, b) to slot `kind` of every CTA (threads 0..cs-1, one peer each).
+  auto push2 = [&](int kind, float a, float bsum, uint64_t* bar, int ph) {
+    if (t < cs) {
+      float* dst = slots + (kind * cs + rank) * 2;
+      if (t == rank) {
         dst[0] = a;
         dst[1] = bsum;
+      } else {
+        ck_st_async2(dst, t, a, bsum, bar, ph);
       }
     }
-    ck_cluster_sync();
+  };
+  // Sum over the cluster of the pairs in slot `kind`, in rank order (the same
+  // bits in every CTA).
+  auto slot_sum = [&](int kind, float& ra, float& rb) {
     ra = 0.f;
     rb = 0.f;
     for (int s = 0; s < cs; ++s) {
@@ -537,8 +586,10 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
     }
     sf = block_sum(sf, red);
     sb = block_sum(sb, red);
+    push2(2, sf, sb, barN, phN);
+    finish(barN, phN, 8u * static_cast<unsigned>(cs - 1));
     float tf, tb;
-    cluster_sum2(2, sf, sb, tf, tb);
+    slot_sum(2, tf, tb);
     const float rf = inv_norm<float>(tf), rb = inv_norm<float>(tb);
     for (int k = t; k < Cr; k += nt) {
       vf[k] *= rf;
@@ -551,6 +602,12 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
     ck_sync();
   };
 
+  if (t == 0) {
+    ck_mbar_init(barX);
+    ck_mbar_init(barU);
+    ck_mbar_init(barN);
+    ck_fence_mbar_init();
+  }
   ck_cluster_arrive_relaxed();
 
   // 1. Start copying the resident rows into shared memory, in nchunks chunks.
@@ -640,14 +697,19 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
     const bool mstep = it < p.num_iters;
     const bool sq = cosine && it == 1;
     if (it > 1 || trainfree) e_sweep(sq);  // (iteration 1 of given centroids ran in step 3)
-    // reduce-scatter: partials of pixel i go to CTA i / rown
+    // reduce-scatter: the partials of pixel i go to its owner
     for (int i = t; i < N; i += nt) {
-      const int s = i / c.rown, j = i - s * c.rown;
-      float* dst = ck_cluster_map(recv, s) + (rank * 2) * c.rownp + j;
-      dst[0] = xq[i];
-      if (sq) dst[c.rownp] = xq[c.npad + i];
+      const int s = owner(i);
+      float* dst = recv + (rank * 2) * c.rownp + (i - start(s));
+      if (s == rank) {
+        dst[0] = xq[i];
+        if (sq) dst[c.rownp] = xq[c.npad + i];
+      } else {
+        ck_st_async(dst, s, xq[i], barX, phX);
+        if (sq) ck_st_async(dst + c.rownp, s, xq[c.npad + i], barX, phX);
+      }
     }
-    ck_cluster_sync();  // #1
+    finish(barX, phX, 4u * static_cast<unsigned>((cs - 1) * nown * (sq ? 2 : 1)));
 
     const float bias = logit_bias<float>(a_fg, a_bg);
     float s1 = 0.f, s2 = 0.f;  // masses (M-step) or calibration sums (last E-step)
@@ -665,9 +727,13 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
       if (mstep) {
         const float cu = cosine ? z * g : z, cub = cosine ? zb * g : zb;
         for (int s = 0; s < cs; ++s) {
-          float* dst = ck_cluster_map(uu, s);
-          dst[o0 + j] = cu;
-          dst[c.npad + o0 + j] = cub;
+          if (s == rank) {
+            uu[o0 + j] = cu;
+            uu[c.npad + o0 + j] = cub;
+          } else {
+            ck_st_async(uu + o0 + j, s, cu, barU, phU);
+            ck_st_async(uu + c.npad + o0 + j, s, cub, barU, phU);
+          }
         }
         s1 += z;
         s2 += zb;
@@ -682,8 +748,10 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
     }
     s1 = block_sum(s1, red);
     s2 = block_sum(s2, red);
+    push2(mstep ? 0 : 1, s1, s2, barU, phU);
+    finish(barU, phU, 8u * static_cast<unsigned>(cs - 1 + (mstep ? N - nown : 0)));
     float t1, t2;
-    cluster_sum2(mstep ? 0 : 1, s1, s2, t1, t2);  // includes barrier #2
+    slot_sum(mstep ? 0 : 1, t1, t2);
 
     if (mstep) {
       m_sweep();
@@ -714,8 +782,12 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
       }
     }
   }
-  // No CTA touches another's shared memory after the last barrier (#2 of the
-  // last iteration), so CTAs may exit independently.
+  // Every store into this CTA's shared memory has landed (the last phase of
+  // barU), but this CTA's own stores to its peers may still be in flight: no
+  // CTA exits before all have arrived here (the one cluster barrier after the
+  // start; no data is ordered by it, so its arrive is relaxed).
+  ck_cluster_arrive_relaxed();
+  ck_cluster_wait();
 #else
   (void)p;
   (void)c;
