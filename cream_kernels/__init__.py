@@ -7,7 +7,7 @@ Public API:
     available_backends         what this install can run, and why not
 See SPEC.md (the math) and README.md.
 """
-from .ops import BackendUnavailable, EMResult, em_reactivate, update_context_embeddings
+from .ops import BackendUnavailable, EMResult, FlatPosteriorWarning, em_reactivate, update_context_embeddings
 from .modules import ContextEmbeddings
 from ._info import available_backends
 
@@ -19,4 +19,5 @@ __all__ = [
     "available_backends",
     "EMResult",
     "BackendUnavailable",
+    "FlatPosteriorWarning",
 ]

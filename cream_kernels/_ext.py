@@ -59,17 +59,25 @@ def _launch(name: str, params, device: torch.device) -> None:
         getattr(_C, name + "_cpu")(params)
 
 
-def em_reactivate(f3, cam, v_fg, v_bg, labels, num_iters, sigma, ratio, cosine, outputs) -> None:
-    """f3: [B, d, N] features (unit stride over N or d); cam: float32 [B, N];
-    v_fg/v_bg: float32 [rows, d] or None; labels: int64 [B] or None;
-    outputs: (out, z_fg, fg_out, bg_out, mix, picked_u8), all written here."""
+def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label, num_iters, sigma, sigma_auto, ratio, cosine,
+                  outputs) -> None:
+    """The backend contract (HELPERS/SPEC, same as cream_kernels.triton.em):
+    f3 [B, d, N] (unit stride over N or d); cam float32 [B*K, N] or None (then
+    weight float32 [C, d]); v_fg/v_bg float32 [C, d] tables (v_by_label) or
+    [B*K, d] rows, or both None; labels int64 [B*K] or None; outputs (out, z_fg,
+    fg_out, bg_out, mix, picked_u8, sigma_used), B*K rows, all written here."""
     p = _C.EMParams()
     _feature_view(p.f, f3)
-    p.cam = _ptr(cam)
+    p.K = int(K)
+    p.cam, p.weight = _ptr(cam), _ptr(weight)
     p.v_fg, p.v_bg, p.labels = _ptr(v_fg), _ptr(v_bg), _ptr(labels)
-    p.num_iters, p.sigma, p.ratio, p.cosine = int(num_iters), float(sigma), float(ratio), bool(cosine)
-    out, z, fg_out, bg_out, mix, picked = outputs
-    p.out, p.z_fg, p.fg_out, p.bg_out, p.mix, p.picked_fg = map(_ptr, (out, z, fg_out, bg_out, mix, picked))
+    p.v_by_label = bool(v_by_label)
+    p.num_iters, p.sigma, p.sigma_auto = int(num_iters), float(sigma), bool(sigma_auto)
+    p.ratio, p.cosine = float(ratio), bool(cosine)
+    out, z, fg_out, bg_out, mix, picked, sigma_used = outputs
+    p.out, p.z_fg, p.fg_out, p.bg_out, p.mix, p.picked_fg, p.sigma_used = map(
+        _ptr, (out, z, fg_out, bg_out, mix, picked, sigma_used)
+    )
     _launch("em_reactivate", p, f3.device)
 
 

@@ -14,16 +14,22 @@ Symbols follow SPEC.md: F is [B, d, h, w], N = h*w, C classes.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 EPS = 1e-12  # SPEC.md: cosine normalisation eps
+AUTO_SIGMA_REL_FLOOR = 1e-6  # SPEC.md sigma = auto: s <= 1e-6 * max |Delta| counts as no spread
 
 
 class EMResult(NamedTuple):
     """What ``em_reactivate`` returns with ``return_extras=True``.
+
+    Shapes are for the [B] label / [B, h, w] CAM call; a call with K classes per
+    image ([B, K] labels or a [B, K, h, w] CAM) has a K axis after B in every
+    field, and an unbatched call (features [d, h, w]) has no B axis.
 
     output      float32 [B, h, w]: calibrated map + min-max normalised CAM, in [0, 2]
     z_fg        float32 [B, h, w]: foreground posterior of the last E-step
@@ -31,6 +37,8 @@ class EMResult(NamedTuple):
     bg_centroid float32 [B, d]
     mix         float32 [B, 2]: mixing weights (a_fg, a_bg) used by the last E-step
     picked_fg   bool [B]: True where calibration picked Z_fg, False where it picked Z_bg
+    sigma_used  float32 [B]: the temperature each row used (the given sigma, or the
+                one sigma="auto" chose; +inf where auto found no spread, Z = a)
     """
 
     output: Tensor
@@ -39,6 +47,7 @@ class EMResult(NamedTuple):
     bg_centroid: Tensor
     mix: Tensor
     picked_fg: Tensor
+    sigma_used: Tensor
 
 
 def cam_foreground_mask(cam: Tensor, ratio: float) -> Tensor:
@@ -146,9 +155,23 @@ def update_context_embeddings(
 # --------------------------------------------------------------------------- #
 # Op 2: EM re-activation (SPEC.md, Eqs. 5-12)
 # --------------------------------------------------------------------------- #
+def auto_sigma(f: Tensor, v_fg: Tensor, v_bg: Tensor) -> tuple[Tensor, Tensor]:
+    """SPEC.md "sigma = auto" for rows of f [R, d, N] (as the E-step sees them)
+    and initial centroids [R, d]. Returns (sigma [R], flat [R] bool): sigma = s / 2
+    with s the population std of Delta_i = (v_fg - v_bg) . f_i over the row's
+    pixels; ``flat`` where s <= 1e-6 * max_i |Delta_i| (the similarity term is then
+    dropped and the sigma reported is +inf)."""
+    delta = torch.einsum("rdn,rd->rn", f, v_fg - v_bg)
+    mu = delta.mean(dim=1, keepdim=True)
+    s = (delta - mu).square().mean(dim=1).sqrt()
+    flat = s <= AUTO_SIGMA_REL_FLOOR * delta.abs().amax(dim=1)
+    sigma = torch.where(flat, torch.full_like(s, math.inf), s / 2)
+    return sigma, flat
+
+
 def em_reactivate(
     features: Tensor,
-    cam: Tensor,
+    cam: Optional[Tensor],
     fg_centroid: Optional[Tensor],
     bg_centroid: Optional[Tensor],
     num_iters: int = 2,
@@ -156,15 +179,30 @@ def em_reactivate(
     cam_threshold: float = 0.2,
     cosine: bool = False,
     compute_dtype: torch.dtype = torch.float64,
+    *,
+    K: int = 1,
+    weight: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    sigma_auto: bool = False,
 ) -> EMResult:
-    """Op 2. ``fg_centroid``/``bg_centroid`` are per-image [B, d] (the caller
-    gathers table rows by label), or both None for the training-free mode, where
-    the initial centroids are the image's CAM-masked fg/bg feature means (a zero
-    vector for an empty mask)."""
+    """Op 2 with SPEC.md's extensions, on R = B*K rows (row r = b*K + k re-activates
+    the k-th class of image b). ``cam`` is [R, h, w] (for K = 1 also [B, h, w]), or
+    None with ``weight`` [C, d] and ``labels`` [R]: cam_r,i = weight[labels[r]] . f_i
+    on the raw features. ``fg_centroid``/``bg_centroid`` are per row [R, d] (the
+    caller gathers table rows by label), or both None for the training-free mode,
+    where the initial centroids are the row's CAM-masked fg/bg feature means (a
+    zero vector for an empty mask). ``sigma_auto`` replaces ``sigma`` by SPEC.md's
+    per-row rule (see :func:`auto_sigma`). The result has R rows."""
     B, d, h, w = features.shape
     N = h * w
+    R = B * K
     f = features.reshape(B, d, N).to(compute_dtype)
-    m = cam.reshape(B, N).to(compute_dtype)
+    if K > 1:
+        f = f.repeat_interleave(K, dim=0)  # [R, d, N]: the oracle favours clarity over memory
+    if cam is None:
+        m = torch.einsum("rdn,rd->rn", f, weight.to(compute_dtype)[labels])  # Eq. 1, bias ignored
+    else:
+        m = cam.reshape(R, N).to(compute_dtype)
     fg_mask = cam_foreground_mask(m, cam_threshold).to(compute_dtype)
 
     if fg_centroid is None:
@@ -179,12 +217,25 @@ def em_reactivate(
         v_fg = _l2_normalize(v_fg, dim=1)
         v_bg = _l2_normalize(v_bg, dim=1)
 
-    a_fg = torch.full((B,), 0.5, dtype=compute_dtype, device=f.device)
-    a_bg = torch.full((B,), 0.5, dtype=compute_dtype, device=f.device)
+    if sigma_auto:
+        sig, flat = auto_sigma(f, v_fg, v_bg)
+        div = torch.where(flat, torch.ones_like(sig), sig).unsqueeze(1)  # [R, 1]
+        keep = torch.where(flat, torch.zeros_like(sig), torch.ones_like(sig)).unsqueeze(1)
+        sigma_used = sig
+    else:
+        div, keep = sigma, None
+        sigma_used = torch.full((R,), float(sigma), dtype=compute_dtype, device=f.device)
+
+    def similarity(v: Tensor) -> Tensor:
+        s = torch.einsum("bdn,bd->bn", f, v) / div
+        return s if keep is None else s * keep  # flat rows: Z = a (NaN features stay NaN)
+
+    a_fg = torch.full((R,), 0.5, dtype=compute_dtype, device=f.device)
+    a_bg = torch.full((R,), 0.5, dtype=compute_dtype, device=f.device)
     for t in range(1, num_iters + 1):
         # E-step (Eqs. 7-8)
-        s_fg = torch.log(a_fg).unsqueeze(1) + torch.einsum("bdn,bd->bn", f, v_fg) / sigma
-        s_bg = torch.log(a_bg).unsqueeze(1) + torch.einsum("bdn,bd->bn", f, v_bg) / sigma
+        s_fg = torch.log(a_fg).unsqueeze(1) + similarity(v_fg)
+        s_bg = torch.log(a_bg).unsqueeze(1) + similarity(v_bg)
         z_fg = torch.sigmoid(s_fg - s_bg)
         z_bg = torch.sigmoid(s_bg - s_fg)  # = 1 - z_fg, computed without cancellation
         if t == num_iters:
@@ -192,7 +243,7 @@ def em_reactivate(
         # M-step (Eq. 9)
         new = []
         for z, v in ((z_fg, v_fg), (z_bg, v_bg)):
-            mass = z.sum(dim=1)  # [B]
+            mass = z.sum(dim=1)  # [R]
             total = torch.einsum("bdn,bn->bd", f, z)
             has = (mass > 0).unsqueeze(1)
             v_new = torch.where(has, total / torch.where(has, mass.unsqueeze(1), torch.ones_like(total)), v)
@@ -212,10 +263,11 @@ def em_reactivate(
 
     f32 = torch.float32
     return EMResult(
-        output=out.to(f32).reshape(B, h, w),
-        z_fg=z_fg.to(f32).reshape(B, h, w),
+        output=out.to(f32).reshape(R, h, w),
+        z_fg=z_fg.to(f32).reshape(R, h, w),
         fg_centroid=v_fg.to(f32),
         bg_centroid=v_bg.to(f32),
         mix=torch.stack([a_fg, a_bg], dim=1).to(f32),
         picked_fg=picked_fg,
+        sigma_used=sigma_used.to(f32),
     )

@@ -39,11 +39,15 @@ PYBIND11_MODULE(_C, m) {
   py::class_<EMParams> em(m, "EMParams");
   em.def(py::init<>())
       .def_readwrite("f", &EMParams::f)
+      .def_readwrite("K", &EMParams::K)
+      .def_readwrite("v_by_label", &EMParams::v_by_label)
       .def_readwrite("num_iters", &EMParams::num_iters)
       .def_readwrite("sigma", &EMParams::sigma)
+      .def_readwrite("sigma_auto", &EMParams::sigma_auto)
       .def_readwrite("ratio", &EMParams::ratio)
       .def_readwrite("cosine", &EMParams::cosine);
   ptr_field(em, "cam", &EMParams::cam);
+  ptr_field(em, "weight", &EMParams::weight);
   ptr_field(em, "v_fg", &EMParams::v_fg);
   ptr_field(em, "v_bg", &EMParams::v_bg);
   ptr_field(em, "labels", &EMParams::labels);
@@ -53,6 +57,7 @@ PYBIND11_MODULE(_C, m) {
   ptr_field(em, "bg_out", &EMParams::bg_out);
   ptr_field(em, "mix", &EMParams::mix);
   ptr_field(em, "picked_fg", &EMParams::picked_fg);
+  ptr_field(em, "sigma_used", &EMParams::sigma_used);
 
   py::class_<ContextParams> cp(m, "ContextParams");
   cp.def(py::init<>())

@@ -34,11 +34,26 @@ EM_BAD = [
     ("labels float", dict(labels=torch.tensor([0.0, 1.0])), TypeError, ["labels", "float32"]),
     ("labels bool", dict(labels=torch.tensor([True, False])), TypeError, ["labels", "bool"]),
     ("labels wrong B", dict(labels=torch.tensor([0, 1, 2])), ValueError, ["labels", "(3,)"]),
-    ("labels 2-D", dict(labels=torch.tensor([[0], [1]])), ValueError, ["labels", "(2, 1)"]),
+    ("labels 3-D", dict(labels=torch.tensor([[[0]], [[1]]])), ValueError, ["labels", "(2, 1, 1)", "[2, K]"]),
+    ("labels K=0", dict(labels=torch.zeros(2, 0, dtype=torch.long)), ValueError, ["labels", "(2, 0)", "K >= 1"]),
     ("labels too big", dict(labels=torch.tensor([0, 3])), ValueError, ["labels", "[0, 3)", "3"]),
     ("labels negative", dict(labels=torch.tensor([-1, 0])), ValueError, ["labels", "-1"]),
     ("labels without tables", dict(fg_embedding=None, bg_embedding=None), ValueError, ["labels"]),
     ("mixed devices", dict(cam=torch.rand(2, 4, 5, device="meta")), ValueError, ["cam", "meta"]),
+    # issue 12: classifier_weight, K classes per image
+    ("cam and weight", dict(classifier_weight=torch.randn(3, 8)), ValueError, ["exactly one", "cam", "classifier_weight"]),
+    ("neither cam nor weight", dict(cam=None), ValueError, ["exactly one", "cam", "classifier_weight"]),
+    ("weight without labels", dict(cam=None, classifier_weight=torch.randn(3, 8), fg_embedding=None, bg_embedding=None,
+                                   labels=None), ValueError, ["classifier_weight", "labels"]),
+    ("weight wrong d", dict(cam=None, classifier_weight=torch.randn(3, 9)), ValueError, ["classifier_weight", "(3, 9)", "[C, 8]"]),
+    ("weight int", dict(cam=None, classifier_weight=torch.ones(3, 8, dtype=torch.int32)), TypeError, ["classifier_weight", "int32"]),
+    ("weight too few rows", dict(cam=None, classifier_weight=torch.randn(2, 8)), ValueError, ["labels", "classifier_weight", "[0, 2)"]),
+    ("cam 4-D K vs labels K", dict(cam=torch.rand(2, 3, 4, 5), labels=torch.zeros(2, 2, dtype=torch.long)), ValueError,
+     ["cam", "(2, 3, 4, 5)", "K = 2"]),
+    ("cam 4-D K>1 with labels [B]", dict(cam=torch.rand(2, 3, 4, 5)), ValueError, ["labels", "[2, 3]", "(2,)"]),
+    ("cam 5-D", dict(cam=torch.rand(2, 1, 1, 4, 5)), ValueError, ["cam", "(2, 1, 1, 4, 5)", "[B, K, h, w]"]),
+    ("per-image emb K-form wrong", dict(cam=torch.rand(2, 3, 4, 5), labels=None, fg_embedding=torch.randn(2, 8),
+                                         bg_embedding=torch.randn(2, 8)), ValueError, ["fg_embedding", "[2, 3, 8]", "(2, 8)"]),
 ]
 
 
@@ -56,7 +71,7 @@ def test_em_bad_tensors(what, overrides, exc, words, backend):
 EM_BAD_SCALARS = [
     ("num_iters", 0, ValueError), ("num_iters", -2, ValueError), ("num_iters", 2.0, TypeError), ("num_iters", True, TypeError),
     ("sigma", 0.0, ValueError), ("sigma", -1.0, ValueError), ("sigma", math.inf, ValueError), ("sigma", math.nan, ValueError),
-    ("sigma", "8", TypeError),
+    ("sigma", "8", ValueError), ("sigma", "AUTO", ValueError), ("sigma", None, TypeError),
     ("cam_threshold", -0.1, ValueError), ("cam_threshold", 1.5, ValueError), ("cam_threshold", math.nan, ValueError),
     ("similarity", "euclid", ValueError), ("backend", "gpu", ValueError), ("backend", 3, TypeError),
 ]

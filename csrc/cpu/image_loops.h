@@ -125,6 +125,78 @@ Acc masked_sums(const Image<T>& im, const S* m, Acc lo, Acc thr, Acc* u, Acc* ub
   return cnt;
 }
 
+// K weight vectors at once: X[r*N + i] = sum_k W[r*d + k] * f[k, i] for rows
+// r < K and i in [0, N). Each feature row (NCHW) or pixel vector (channels_last)
+// is read once for all K rows and stays in L1 while they use it. For K = 1 the
+// summation order is that of dots().
+template <typename T, typename Acc>
+void dots_k(const Image<T>& im, const Acc* W, Acc* X, int64_t K) {
+  const int64_t d = im.d, N = im.N;
+  if (im.channel_major()) {
+    std::fill(X, X + K * N, Acc(0));
+    for (int64_t k = 0; k < d; ++k) {
+      const T* row = im.base + k * im.sd;
+      for (int64_t r = 0; r < K; ++r) {
+        const Acc wk = W[r * d + k];
+        Acc* x = X + r * N;
+#pragma omp simd
+        for (int64_t i = 0; i < N; ++i) x[i] += wk * load<Acc>(row + i);
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < N; ++i) {
+      const T* px = im.base + i * im.sn;
+      for (int64_t r = 0; r < K; ++r) {
+        const Acc* w = W + r * d;
+        Acc s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t k = 0; k < d; ++k) s += w[k] * load<Acc>(px + k);
+        X[r * N + i] = s;
+      }
+    }
+  }
+}
+
+// K pairs of weighted sums at once: S1[r*d + k] = sum_i U[r*N + i] f[k, i],
+// S2 likewise with UB (overwritten, not accumulated), one read of the image.
+template <typename T, typename Acc>
+void weighted_sums_k(const Image<T>& im, const Acc* U, const Acc* UB, Acc* S1, Acc* S2, int64_t K) {
+  const int64_t d = im.d, N = im.N;
+  if (im.channel_major()) {
+    for (int64_t k = 0; k < d; ++k) {
+      const T* row = im.base + k * im.sd;
+      for (int64_t r = 0; r < K; ++r) {
+        const Acc *u = U + r * N, *ub = UB + r * N;
+        Acc s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+        for (int64_t i = 0; i < N; ++i) {
+          const Acc v = load<Acc>(row + i);
+          s1 += u[i] * v;
+          s2 += ub[i] * v;
+        }
+        S1[r * d + k] = s1;
+        S2[r * d + k] = s2;
+      }
+    }
+  } else {
+    std::fill(S1, S1 + K * d, Acc(0));
+    std::fill(S2, S2 + K * d, Acc(0));
+    for (int64_t i = 0; i < N; ++i) {
+      const T* px = im.base + i * im.sn;
+      for (int64_t r = 0; r < K; ++r) {
+        const Acc ui = U[r * N + i], ubi = UB[r * N + i];
+        Acc *s1 = S1 + r * d, *s2 = S2 + r * d;
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) {
+          const Acc v = load<Acc>(px + k);
+          s1[k] += ui * v;
+          s2[k] += ubi * v;
+        }
+      }
+    }
+  }
+}
+
 // Per-image min and max of a CAM row (SPEC.md's lo and hi).
 template <typename Acc, typename S>
 void min_max(const S* m, int64_t N, Acc& lo, Acc& hi) {
