@@ -17,8 +17,7 @@ void launch_em_generic(const EMParams& p, int device, cudaStream_t stream) {
   const FeatureView& f = p.f;
   const int vb = pick_vb(f);
   const bool nhwc = is_nhwc(f);
-  const int elem = elem_bytes(f.dtype);
-  const EmGenericCfg c = make_generic_cfg(f.d, f.N, elem, vb, nhwc, kGenericThreads, dev.max_smem);
+  const EmGenericCfg c = generic_cfg_for(p, dev);
   if (c.smem <= 0 || c.smem > dev.max_smem)
     throw std::runtime_error("cream_kernels CUDA: em_reactivate needs 12 bytes of shared memory per channel; d = " +
                              std::to_string(f.d) + " exceeds what this device offers (" +
@@ -27,7 +26,7 @@ void launch_em_generic(const EMParams& p, int device, cudaStream_t stream) {
     using K = decltype(kind);
     auto kernel = em_generic_kernel<typename K::type, K::vb, K::nhwc>;
     ensure_smem(reinterpret_cast<const void*>(kernel), device, c.smem, "em_generic_kernel");
-    kernel<<<static_cast<unsigned>(f.B), kGenericThreads, static_cast<size_t>(c.smem), stream>>>(p, c);
+    kernel<<<static_cast<unsigned>(f.B * p.K), kGenericThreads, static_cast<size_t>(c.smem), stream>>>(p, c);
     check_launch("em_generic_kernel");
   });
 }

@@ -76,6 +76,10 @@
 //   256 KB register file per SM holds a batch-32 image set: ~100 KB per SM).
 #pragma once
 
+#include <algorithm>
+#include <string>
+#include <vector>
+
 #include "sweeps.cuh"
 
 namespace cream {
@@ -110,9 +114,14 @@ inline int pick_vb(const FeatureView& f) {
 // Channel-major: rows of tp pixels, 512 bytes per channel row at most, a
 // multiple of 8 pixels (keeps every tile start aligned for 16-byte loads);
 // channels_last: 32 pixel rows of d channels. Tiles are balanced over N.
-inline int pixel_tile(int64_t N, int elem, bool nhwc, int nt) {
+// tp_cap > 0 caps tp further (rounded down to 8 pixels for channel-major).
+inline int pixel_tile(int64_t N, int elem, bool nhwc, int nt, int64_t tp_cap = 0) {
   int64_t tpmax = nhwc ? 32 : 512 / elem;
   if (tpmax > nt) tpmax = nt;
+  if (tp_cap > 0) {
+    if (!nhwc) tp_cap = tp_cap / 8 * 8 > 8 ? tp_cap / 8 * 8 : 8;
+    if (tp_cap < tpmax) tpmax = tp_cap;
+  }
   const int64_t ntiles = ceil_div(N, tpmax);
   int64_t tp = ceil_div(N, ntiles);
   if (!nhwc) tp = round_up(tp, 8);
@@ -132,10 +141,17 @@ struct EmGenericCfg {
 
 constexpr int kGenericThreads = 512;
 
-inline EmGenericCfg make_generic_cfg(int64_t d, int64_t N, int elem, int VB, bool nhwc, int nt, int64_t max_smem) {
+// tile_bytes > 0: the most bytes of features one tile may span (d x tp x
+// elem). A tile is read by the E-step and re-read by the M-step right after,
+// from L2 only if the tiles of all CTAs resident at once fit there: the caller
+// passes half the L2 over those CTAs (generic_cfg_for). ResNet50 28x28 bf16 at
+// B = 256: 264 resident CTAs, 60 MB L2 -> 119 KB, tp = 24 pixels (was 200,
+// 819 KB a tile, 216 MB between a tile's two reads: T = 2 read F three times).
+inline EmGenericCfg make_generic_cfg(int64_t d, int64_t N, int elem, int VB, bool nhwc, int nt, int64_t max_smem,
+                                     int64_t tile_bytes = 0) {
   EmGenericCfg c{};
   const int V = VB / elem;
-  c.tp = pixel_tile(N, elem, nhwc, nt);
+  c.tp = pixel_tile(N, elem, nhwc, nt, tile_bytes > 0 ? std::max<int64_t>(1, tile_bytes / (d * elem)) : 0);
   c.dpad = static_cast<int>(round_up(d, 4));
   c.tpad = static_cast<int>(round_up(c.tp, 4));
   const int64_t R = nhwc ? c.tp : d;                       // rows of the row_reduce
@@ -167,18 +183,23 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
   float* scr = red + 64;
 
   const int t = ck_tid(), nt = ck_nthreads();
-  const int64_t b = ck_bid();
+  const int64_t r = ck_bid();  // row r = b * K + k: image b, its k-th class
+  const int64_t b = r / p.K;
   const int d = static_cast<int>(p.f.d), N = static_cast<int>(p.f.N);
   const T* F = static_cast<const T*>(p.f.data) + b * p.f.stride_b;
   const int64_t pitch = NHWC ? p.f.stride_n : p.f.stride_d;
-  const float* cam = p.cam + b * N;
   const bool cosine = p.cosine;
-  // The centroids live in this image's rows of the outputs: what they hold at
-  // the end is what the last E-step used, which is what the op returns.
-  float* vf = p.fg_out + b * d;
-  float* vb = p.bg_out + b * d;
-  float* zrow = p.z_fg + b * N;
-  float* orow = p.out + b * N;
+  // The centroids live in this row of the outputs: what they hold at the end
+  // is what the last E-step used, which is what the op returns.
+  float* vf = p.fg_out + r * d;
+  float* vb = p.bg_out + r * d;
+  float* zrow = p.z_fg + r * N;
+  float* orow = p.out + r * N;
+  // The CAM: given, or computed below into `out` (raw features, no bias), which
+  // then holds it until the final write. The last E-step then parks its logits
+  // in z_fg (Z_fg and Z_bg are recomputed from them, bit-identically).
+  const bool cam_in_out = p.cam == nullptr;
+  const float* cam = cam_in_out ? orow : p.cam + r * N;
 
   // E-step dot products of tile [i0, i0 + tl) into x (and q).
   auto tile_e = [&](int i0, int tl, bool sq) {
@@ -218,6 +239,18 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
   int pass = 0;
   auto tile_start = [&](int tt, int pass_index) { return ((pass_index & 1) ? ntiles - 1 - tt : tt) * c.tp; };
 
+  if (cam_in_out) {  // cam_i = W[labels[r]] . f_i, one pass
+    const float* wrow = p.weight + p.labels[r] * d;
+    for (int k = t; k < d; k += nt) w[k] = wrow[k];
+    ck_sync();
+    for (int tt = 0; tt < ntiles; ++tt) {
+      const int i0 = tile_start(tt, pass), tl = N - i0 < c.tp ? N - i0 : c.tp;
+      tile_e(i0, tl, false);
+      if (t < tl) orow[i0 + t] = x[t];
+      ck_sync();
+    }
+    ++pass;
+  }
   float lo, hi;
   cam_range(cam, N, red, lo, hi);
   const float thr = cam_threshold<float>(lo, hi, p.ratio);
@@ -244,7 +277,7 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
       vb[k] = masked_mean<float>(Sb[k], static_cast<float>(N) - cnt);
     }
   } else {
-    const int64_t row = p.labels != nullptr ? p.labels[b] : b;
+    const int64_t row = p.v_by_label ? p.labels[r] : r;
     for (int k = t; k < d; k += nt) {
       vf[k] = p.v_fg[row * d + k];
       vb[k] = p.v_bg[row * d + k];
@@ -256,14 +289,62 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
     normalize(vb);
   }
 
+  // ---- temperature. sigma = auto (SPEC.md): s = population std of the
+  // initial gaps Delta_i = (v_fg - v_bg) . f_i (f_i normalised for cosine),
+  // sigma = s / 2; no similarity term (sigma +inf) when s <= 1e-6 max |Delta|.
+  // One pass; the gaps wait in z_fg. The weight is then (v_fg - v_bg) / sigma,
+  // a division (sigma may be tiny), as in the CPU kernel.
+  // The temperature waits in shared memory (red[40], red[41]: block_all uses
+  // red[0..32]) rather than in two registers live through the whole loop.
+  float* temp = red + 40;  // [0] 1/sigma, [1] sigma = auto: sigma, 0 for a flat row
+  if (p.sigma_auto) {
+    for (int k = t; k < d; k += nt) w[k] = vf[k] - vb[k];
+    ck_sync();
+    float sum = 0.f, amax = 0.f;
+    for (int tt = 0; tt < ntiles; ++tt) {
+      const int i0 = tile_start(tt, pass), tl = N - i0 < c.tp ? N - i0 : c.tp;
+      tile_e(i0, tl, cosine);
+      if (t < tl) {
+        const float delta = cosine ? inv_norm<float>(q[t]) * x[t] : x[t];
+        zrow[i0 + t] = delta;
+        sum += delta;
+        const float a = fabsf(delta);
+        amax = a > amax ? a : amax;
+      }
+      ck_sync();
+    }
+    ++pass;
+    const float mu = block_sum(sum, red) / static_cast<float>(N);
+    amax = block_max(amax, red);
+    float var = 0.f;
+    for (int i = t; i < N; i += nt) {
+      const float e = zrow[i] - mu;
+      var = fmaf(e, e, var);
+    }
+    const float sd = sqrtf(block_sum(var, red) / static_cast<float>(N));
+    const bool flat = sd <= 1e-6f * amax;  // a NaN sd is not flat and propagates
+    if (t == 0) {
+      temp[1] = flat ? 0.f : sd / 2.f;
+      temp[0] = flat ? 0.f : 1.f / temp[1];
+      p.sigma_used[r] = flat ? kInf : temp[1];
+    }
+  } else if (t == 0) {
+    temp[0] = 1.f / p.sigma;
+    temp[1] = 0.f;
+    p.sigma_used[r] = p.sigma;
+  }
+  ck_sync();
+
   // ---- iterations: E-step (+ M-step) in one pass over the tiles
-  const float inv_sigma = 1.f / p.sigma;
   float a_fg = 0.5f, a_bg = 0.5f;
   float on_fg_fg = 0.f, on_fg_bg = 0.f;  // calibration sums of this thread (last E-step)
   for (int it = 1; it <= p.num_iters; ++it) {
     const bool mstep = it < p.num_iters;
+    const float inv_sigma = temp[0], div = temp[1];
     for (int k = t; k < d; k += nt) {
-      w[k] = logit_weight<float>(vf[k], vb[k], inv_sigma);
+      w[k] = !p.sigma_auto ? logit_weight<float>(vf[k], vb[k], inv_sigma)
+             : div > 0.f   ? (vf[k] - vb[k]) / div
+                           : (vf[k] - vb[k]) * 0.f;  // flat row: Z = a (NaN stays NaN)
       if (mstep) Sf[k] = Sb[k] = 0.f;
     }
     const float bias = logit_bias<float>(a_fg, a_bg);
@@ -283,8 +364,12 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
           mass_fg += z;
           mass_bg += zb;
         } else {
-          zrow[i] = z;
-          orow[i] = zb;  // Z_bg parked in `out` until calibration picks a branch
+          if (cam_in_out) {
+            zrow[i] = logit;  // `out` holds the CAM
+          } else {
+            zrow[i] = z;
+            orow[i] = zb;  // Z_bg parked in `out` until calibration picks a branch
+          }
           if (cam_is_fg<float>(cam[i], lo, thr)) {
             on_fg_fg += z;
             on_fg_bg += zb;
@@ -318,12 +403,19 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
   const bool picked = calibration_picks_fg<float>(sf, sb);
   for (int i = t; i < N; i += nt) {
     const float cn = cam_normalized<float>(cam[i], lo, hi);
-    orow[i] = reactivated<float>(picked, zrow[i], orow[i], cn);
+    if (cam_in_out) {
+      const float logit = zrow[i];
+      const float z = z_fg_of<float>(logit), zb = z_bg_of<float>(logit);
+      zrow[i] = z;
+      orow[i] = reactivated<float>(picked, z, zb, cn);
+    } else {
+      orow[i] = reactivated<float>(picked, zrow[i], orow[i], cn);
+    }
   }
   if (t == 0) {
-    p.mix[2 * b] = a_fg;
-    p.mix[2 * b + 1] = a_bg;
-    p.picked_fg[b] = picked ? 1 : 0;
+    p.mix[2 * r] = a_fg;
+    p.mix[2 * r + 1] = a_bg;
+    p.picked_fg[r] = picked ? 1 : 0;
   }
 }
 
@@ -649,7 +741,7 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
     }
     cnt = block_sum(cnt, red);
   } else {
-    const int64_t row = p.labels != nullptr ? p.labels[b] : b;
+    const int64_t row = p.v_by_label ? p.labels[b] : b;  // (K = 1: row = image)
     for (int k = t; k < Cr; k += nt) {
       vf[k] = p.v_fg[row * d + k0 + k];
       vb[k] = p.v_bg[row * d + k0 + k];
@@ -779,6 +871,7 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
         p.mix[2 * b] = a_fg;
         p.mix[2 * b + 1] = a_bg;
         p.picked_fg[b] = picked ? 1 : 0;
+        p.sigma_used[b] = p.sigma;
       }
     }
   }
@@ -792,6 +885,141 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
   (void)p;
   (void)c;
 #endif
+}
+
+// ============================================================ variant choice
+// Host-side and free of CUDA calls (the occupancy query comes in as `occ`), so
+// the emulation test can print the plans of the benchmark shapes.
+struct PlanDevice {
+  int cc_major = 0, cc_minor = 0, sms = 1;
+  int64_t max_smem = 48 * 1024, smem_per_sm = 48 * 1024, l2_bytes = 0;
+};
+
+struct EmPlan {
+  bool cluster = false;   // run the cluster kernel with cfg
+  EmClusterCfg cfg{};
+  int clusters = 0;       // clusters resident at once (occupancy query)
+  int ctas_per_sm = 0;    // what the plan's shared memory allows: 2 or 1
+  std::string rule;       // which rule of plan_em picked it
+  std::string why;        // why the generic kernel runs, when !cluster
+};
+
+// Why the cluster kernel cannot run these inputs at all ("" when it can).
+inline std::string cluster_unsupported(const EMParams& p, const PlanDevice& dev) {
+  if (dev.cc_major < 9)
+    return "thread-block clusters need compute capability 9.0 (this device: " + std::to_string(dev.cc_major) + "." +
+           std::to_string(dev.cc_minor) + ")";
+  if (p.K != 1) return "K > 1 classes per image (the cluster kernel runs one row per image)";
+  if (p.weight != nullptr) return "the CAM from the classifier weight (computed by the generic kernel only)";
+  if (p.sigma_auto) return "sigma = auto (implemented in the generic kernel only)";
+  return "";
+}
+
+// Cluster size and residency, in order of preference (each checked with the
+// occupancy query `occ(cfg)` -> clusters resident at once, before it is taken):
+//  A. the slice fits whole in half an SM's shared memory (two CTAs per SM, so
+//     one CTA's loads overlap the other's sweeps): the smallest such cs,
+//     raised until the batch gives every SM a CTA (B * cs >= SMs; batch 1
+//     spreads one image over 16 SMs);
+//  C. the whole slice in one CTA per SM (up to 227 KB);
+//  B. 16 CTAs (then 8) per image, two per SM, each keeping what fits of its
+//     slice in shared memory and re-reading the other rows from L2 (read from
+//     HBM in the first sweep), when the re-read rows of all the CTAs resident
+//     at once fit in half the L2;
+//  D. the same with one CTA per SM (more rows resident, fewer CTAs).
+//  Otherwise the generic kernel. A and C read F from HBM exactly once; B and D
+//  rely on L2 keeping the re-read rows, hence after C. (ResNet50 28x28: bf16
+//  NCHW and channels_last take C; fp32 takes D where the L2 holds the re-read
+//  rows, i.e. 132 CTAs x 63 rows x 3136 bytes = 26 MB within half the L2.)
+//  With a row pitch padded against bank conflicts a whole slice can miss the
+//  budget by the padding (channels_last 28x28 bf16: 213 KB padded, 200 KB
+//  not): then the row_reduce takes enough lanes per row to need no padding.
+template <class Occ>
+EmPlan plan_em(const EMParams& p, const PlanDevice& dev, Occ&& occ) {
+  EmPlan plan;
+  plan.why = cluster_unsupported(p, dev);
+  if (!plan.why.empty()) return plan;
+  const FeatureView& f = p.f;
+  const int elem = elem_bytes(f.dtype);
+  const int vb = pick_vb(f);
+  const bool nhwc = is_nhwc(f);
+  const bool trainfree = p.v_fg == nullptr;
+  const int sizes[] = {1, 2, 4, 8, 16};
+  const int64_t half_sm = std::min<int64_t>(dev.max_smem, dev.smem_per_sm / 2 - 1024);
+  auto cfg_for = [&](int cs, int64_t budget) {
+    EmClusterCfg a =
+        make_cluster_cfg(f.d, f.N, elem, vb, nhwc, p.num_iters, trainfree, p.cosine, kClusterThreads, cs, budget);
+    if (vb >= 4 && (a.smem <= 0 || (a.keep && a.rres < a.rows))) {
+      EmClusterCfg w = make_cluster_cfg(f.d, f.N, elem, vb, nhwc, p.num_iters, trainfree, p.cosine, kClusterThreads,
+                                        cs, budget, 128 / vb);
+      if (w.smem > 0 && (a.smem <= 0 || w.rres > a.rres)) return w;
+    }
+    return a;
+  };
+  auto whole = [](const EmClusterCfg& c) { return c.smem > 0 && (!c.keep || c.rres >= c.rows); };
+  struct Cand {
+    EmClusterCfg c;
+    int per_sm;
+    const char* rule;
+  };
+  std::vector<Cand> order;
+  // A
+  int first = -1;
+  for (int i = 0; i < 5 && first < 0; ++i)
+    if (whole(cfg_for(sizes[i], half_sm))) first = i;
+  if (first >= 0) {
+    int want = first;
+    while (want < 4 && f.B * sizes[want] < dev.sms && whole(cfg_for(sizes[want + 1], half_sm))) ++want;
+    for (int i = want; i >= first; --i)
+      order.push_back({cfg_for(sizes[i], half_sm), 2, "A: whole slice, two CTAs per SM"});
+  }
+  // C
+  for (int i = 0; i < 5; ++i) {
+    const EmClusterCfg c = cfg_for(sizes[i], dev.max_smem);
+    if (whole(c)) {
+      order.push_back({c, 1, "C: whole slice, one CTA per SM"});
+      break;
+    }
+  }
+  // B, D
+  int64_t least_reread = -1;
+  for (int per_sm : {2, 1}) {
+    for (int cs : {16, 8}) {
+      const EmClusterCfg c = cfg_for(cs, per_sm == 2 ? half_sm : dev.max_smem);
+      if (c.smem <= 0 || whole(c)) continue;
+      const int64_t ctas = std::min<int64_t>(f.B * cs, per_sm * int64_t(dev.sms));
+      const int64_t reread = ctas * int64_t(c.rows - c.rres) * c.row_bytes;
+      if (least_reread < 0 || reread < least_reread) least_reread = reread;
+      if (reread <= dev.l2_bytes / 2)
+        order.push_back({c, per_sm,
+                         per_sm == 2 ? "B: partly resident, two CTAs per SM" : "D: partly resident, one CTA per SM"});
+    }
+  }
+  for (const Cand& cand : order) {
+    const int n = occ(cand.c);
+    if (n >= 1) {
+      plan.cluster = true;
+      plan.cfg = cand.c;
+      plan.clusters = n;
+      plan.ctas_per_sm = cand.per_sm;
+      plan.rule = cand.rule;
+      return plan;
+    }
+  }
+  if (!order.empty()) {
+    plan.why = "the device cannot schedule a cluster with the shared memory this shape needs";
+  } else if (f.N < 2) {
+    plan.why = "a map of one pixel";
+  } else {
+    const double mb = 1.0 / (1024.0 * 1024.0);
+    const int64_t image = f.d * f.N * elem;
+    plan.why = "an image's map (" + std::to_string(image * mb).substr(0, 6) +
+               " MB) fits neither in the shared memory of 16 CTAs nor partly, with the rows re-read by all resident "
+               "CTAs in half the L2 (" +
+               (least_reread < 0 ? std::string("no partial plan") : std::to_string(least_reread * mb).substr(0, 6) + " MB") +
+               " > " + std::to_string(dev.l2_bytes / 2 * mb).substr(0, 6) + " MB)";
+  }
+  return plan;
 }
 
 }  // namespace cuda
