@@ -1,21 +1,18 @@
-// Cluster EM variant (sm_90): kernel instantiations, planning and launch
-// (design in em_kernels.cuh). Its body is compiled for sm_90 only; on other
-// targets the kernel is an empty stub that the planner never launches.
+// Cluster EM variant (sm_90): planning and launch (design in em_kernels.cuh;
+// the kernel, em_cluster_kernel, is in kernels.cuh and instantiated under
+// inst/). Its body is compiled for sm_90 only; on other targets the kernel is
+// an empty stub that the planner never launches.
 #include <map>
 #include <mutex>
 #include <string>
 #include <tuple>
 
 #include "em_kernels.cuh"
+#include "kernel_ptrs.h"
 #include "launch.cuh"
 
 namespace cream {
 namespace cuda {
-
-template <typename T, int VB, bool NHWC>
-__global__ void __launch_bounds__(kClusterThreads, 2) em_cluster_kernel(const EMParams p, const EmClusterCfg c) {
-  em_cluster_body<T, VB, NHWC>(p, c);
-}
 
 namespace {
 
@@ -44,8 +41,7 @@ int active_clusters(const EMParams& p, const EmClusterCfg& c, int device) {
   int n = 0;
   dispatch_kind(p.f.dtype, pick_vb(p.f), is_nhwc(p.f), [&](auto kind) {
     using K = decltype(kind);
-    auto kernel = em_cluster_kernel<typename K::type, K::vb, K::nhwc>;
-    const void* fn = reinterpret_cast<const void*>(kernel);
+    const void* fn = em_cluster_kernel_ptr<typename K::type, K::vb, K::nhwc>();
     const auto key = std::make_tuple(fn, device, c.cs, c.smem);
     {
       std::lock_guard<std::mutex> lock(mu);
@@ -61,7 +57,7 @@ int active_clusters(const EMParams& p, const EmClusterCfg& c, int device) {
             "cudaFuncSetAttribute(em_cluster_kernel, non-portable cluster size)");
     cudaLaunchAttribute attr[1];
     cudaLaunchConfig_t cfg = cluster_launch_config(p, c, nullptr, attr);
-    if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
+    if (cudaOccupancyMaxActiveClusters(&n, fn, &cfg) != cudaSuccess) {
       cudaGetLastError();  // a refusal here only means: not this size
       n = 0;
     }
@@ -86,7 +82,10 @@ void launch_em_cluster(const EMParams& p, const EmClusterCfg& c, int device, cud
     using K = decltype(kind);
     cudaLaunchAttribute attr[1];
     cudaLaunchConfig_t cfg = cluster_launch_config(p, c, stream, attr);
-    check(cudaLaunchKernelEx(&cfg, em_cluster_kernel<typename K::type, K::vb, K::nhwc>, p, c),
+    EMParams pp = p;
+    EmClusterCfg cc = c;
+    void* args[] = {&pp, &cc};
+    check(cudaLaunchKernelExC(&cfg, em_cluster_kernel_ptr<typename K::type, K::vb, K::nhwc>(), args),
           "launch of em_cluster_kernel");
     check_launch("em_cluster_kernel");
   });
