@@ -1,17 +1,22 @@
 // EM re-activation (SPEC.md Op 2) on the GPU: the two kernel variants and
 // their launch configurations. The choice between them is made in one place,
-// em_reactivate_cuda() in em.cu (with plan_em_cluster() in em_cluster.cu for
-// the cluster's size).
+// em_reactivate_cuda() in em.cu, with plan_em() below for the cluster's size.
 //
-// Generic variant (any GPU, any shape): one CTA of 512 threads per image.
-//   Each iteration is one pass over the image in pixel tiles (all d channels
-//   x tp pixels): the tile's E-step dot products, then its posteriors, then
-//   its share of the M-step sums, which re-read the tile from L1/L2 while it
-//   is hot. So an E-step and the M-step after it share one pass from HBM
-//   (T passes for T iterations; the training-free start adds one). Partial
-//   sums live in shared memory, the centroids in the fg_out/bg_out rows of the
-//   image, per-pixel posteriors in z_fg/out until the final write.
-//   Grid = B, __launch_bounds__(512, 2): two CTAs per SM, so B = 256 fills
+// Generic variant (any GPU, any shape, every option): one CTA of 512 threads
+//   per row r = b*K + k (image b, its k-th class); the K CTAs of an image have
+//   adjacent indices, run together and walk the same tiles in the same order,
+//   so the image's features come from HBM about once per pass for all K rows
+//   and from L2 for the others. Each iteration is one pass over the image in
+//   pixel tiles (all d channels x tp pixels): the tile's E-step dot products,
+//   then its posteriors, then its share of the M-step sums, which re-read the
+//   tile from L1/L2 while it is hot. Tiles are sized in bytes so that the
+//   tiles of all resident CTAs fit in half the L2 (make_generic_cfg). So an
+//   E-step and the M-step after it share one pass from HBM (T passes for T
+//   iterations; the CAM from the classifier weight, the training-free start
+//   and sigma = auto add one each). Partial sums live in shared memory, the
+//   centroids in the fg_out/bg_out rows, per-pixel posteriors in z_fg/out
+//   until the final write (a CAM computed from W waits in `out`).
+//   Grid = B*K, __launch_bounds__(512, 2): two CTAs per SM, so B = 256 fills
 //   132 SMs in one wave. Successive passes walk the tiles in alternating
 //   order, so a pass starts on what the previous one read last (L2 hits).
 //
@@ -20,9 +25,11 @@
 //   it copies once into its shared memory with cp.async (4 commit groups, the
 //   first sweep running on each chunk as it lands). Every E/M iteration then
 //   runs from shared memory: F is read from HBM exactly once per call,
-//   whatever T is. (When a slice is too large for two CTAs per SM, the planner
-//   may keep only part of it resident and re-read the other rows from L2,
-//   where they stay because few images are in flight; see plan_em_cluster.)
+//   whatever T is. (When a slice is too large for the shared memory, the
+//   planner may keep only part of it resident and re-read the other rows from
+//   L2, when those of all resident CTAs fit in half of it; see plan_em.) K = 1,
+//   a given CAM and a numeric sigma only: other calls run the generic kernel
+//   (cluster_unsupported gives the reason).
 //   256 threads per CTA, __launch_bounds__(256, 2). Per iteration:
 //     E: partial logits over the CTA's channels for all N pixels;
 //        reduce-scatter through distributed shared memory: CTA s owns pixels

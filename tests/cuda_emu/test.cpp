@@ -303,6 +303,17 @@ int main(int argc, char** argv) {
         {kBFloat16, 2, 96, 100, 0, 3, true, false, true},
     };
     if (getenv("ONLY_LAST")) cases.erase(cases.begin(), cases.end() - 1);
+    if (const char* sel = getenv("EM_CASES")) {  // e.g. EM_CASES=3,7: those cases only (0-based)
+      std::vector<EmCase> picked;
+      for (const char* q = sel; *q;) {
+        char* end;
+        const long i = std::strtol(q, &end, 10);
+        if (end == q) break;
+        if (i >= 0 && i < static_cast<long>(cases.size())) picked.push_back(cases[i]);
+        q = *end == ',' ? end + 1 : end;
+      }
+      cases = picked;
+    }
     if (argc > 2) cases.resize(std::min<size_t>(cases.size(), std::stoul(argv[2])));
     for (auto& c : cases) run_em_case(c, rng);
   }
