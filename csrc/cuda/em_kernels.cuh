@@ -470,6 +470,7 @@ inline EmClusterCfg make_cluster_cfg(int64_t d, int64_t N, int elem, int VB, boo
   if (nhwc) cl = round_up(cl, V);  // keeps each CTA's first channel vector-aligned
   if ((cs - 1) * cl >= d) return c;  // some CTA would own no channel: use fewer CTAs
   if (N < cs) return c;              // some CTA would own no pixel (the exchange needs every CTA to own one)
+  if (8 * N >= (int64_t(1) << 20)) return c;  // an mbarrier phase counts < 2^20 bytes (8 per pixel at most)
   c.cl = static_cast<int>(cl);
   c.clp = static_cast<int>(round_up(cl, 4));
   c.rown = static_cast<int>(ceil_div(N, cs));
