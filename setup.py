@@ -57,6 +57,11 @@ def gencode_flags(spec):
     return flags
 
 
+def cuda_sources():
+    cuda = ROOT / "csrc" / "cuda"
+    return sorted(cuda.glob("*.cu")) + sorted((cuda / "inst").glob("*.cu"))
+
+
 class NinjaBuildExt(build_ext):
     """Writes a build.ninja for the sources and lets ninja compile them in parallel."""
 
@@ -69,7 +74,8 @@ class NinjaBuildExt(build_ext):
         tmp.mkdir(parents=True, exist_ok=True)
 
         nvcc = find_nvcc()
-        cu_sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu")) if nvcc else []
+        # host code in csrc/cuda/*.cu, one kernel instance per file in csrc/cuda/inst/*.cu
+        cu_sources = cuda_sources() if nvcc else []
         if not cu_sources:
             nvcc = None
         cxx = os.environ.get("CXX", "c++")

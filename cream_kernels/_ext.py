@@ -115,3 +115,22 @@ def context_update(fg, bg, f3, labels, cam, weight, ratio, momentum, means, none
 
 def build_info() -> str:
     return "" if _C is None else str(_C.build_info)
+
+
+def cuda_em_plan(B, d, N, dtype, channels_last=False, K=1, *, num_iters=2, trainfree=False, cosine=False,
+                 weight=False, sigma_auto=False, device=None):
+    """What the CUDA EM dispatch runs for features [B, d, h*w = N] of `dtype` (a
+    torch dtype or its code) with K rows per image: a dict with ``variant``
+    ("cluster" or "generic"), ``why`` (the reason for generic), ``rule``, CTAs per
+    image, shared memory per CTA, clusters resident at once, the slice rows kept
+    in shared memory, the grid and the generic pixel tile. Needs a CUDA build and
+    a device; None when the build has no CUDA."""
+    if not with_cuda() or not hasattr(_C, "cuda_em_plan"):
+        return None
+    code = DTYPE_CODES[dtype] if isinstance(dtype, torch.dtype) else int(dtype)
+    if device is None:
+        device = torch.cuda.current_device()
+    elif not isinstance(device, int):
+        device = torch.device(device).index or 0
+    return dict(_C.cuda_em_plan(int(B), int(d), int(N), code, bool(channels_last), int(K), int(num_iters),
+                                bool(trainfree), bool(cosine), bool(weight), bool(sigma_auto), int(device)))

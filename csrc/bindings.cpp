@@ -7,6 +7,9 @@
 #include <cstdint>
 
 #include "kernels.h"
+#ifdef CREAM_WITH_CUDA
+#include "cuda/plan_info.h"
+#endif
 
 namespace py = pybind11;
 using namespace cream;
@@ -88,6 +91,30 @@ PYBIND11_MODULE(_C, m) {
   m.def("context_update_cuda", &context_update_cuda, nogil);
   m.def("cuda_build_info", &cuda_build_info);
   m.def("cuda_runtime_info", &cuda_runtime_info, nogil);
+  // What em_reactivate_cuda would run for a shape (scripts/gpu_check.sh).
+  m.def(
+      "cuda_em_plan",
+      [](int64_t B, int64_t d, int64_t N, int dtype, bool channels_last, int64_t K, int num_iters, bool trainfree,
+         bool cosine, bool weight, bool sigma_auto, int device) {
+        const CudaEmPlanInfo i = cuda_em_plan_info(B, d, N, dtype, channels_last, K, num_iters, trainfree, cosine,
+                                                   weight, sigma_auto, device);
+        py::dict r;
+        r["variant"] = i.variant;
+        r["rule"] = i.rule;
+        r["why"] = i.why;
+        r["ctas_per_image"] = i.ctas_per_image;
+        r["ctas_per_sm"] = i.ctas_per_sm;
+        r["clusters_resident"] = i.clusters_resident;
+        r["rows"] = i.rows;
+        r["rows_resident"] = i.rows_resident;
+        r["smem_per_cta"] = i.smem_per_cta;
+        r["grid"] = i.grid;
+        r["pixel_tile"] = i.pixel_tile;
+        return r;
+      },
+      py::arg("B"), py::arg("d"), py::arg("N"), py::arg("dtype_code"), py::arg("channels_last"), py::arg("K") = 1,
+      py::arg("num_iters") = 2, py::arg("trainfree") = false, py::arg("cosine") = false, py::arg("weight") = false,
+      py::arg("sigma_auto") = false, py::arg("device") = 0);
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -1,31 +1,18 @@
 // Context embedding update on the GPU (design in context_kernels.cuh):
 // context_stats_cuda, context_apply_cuda and the fused context_update_cuda.
+// The templated kernels (ctx_stats_kernel, ctx_update_kernel) are in
+// kernels.cuh and instantiated under inst/; ctx_apply_kernel is here.
 #include <algorithm>
 #include <string>
 
 #include "context_kernels.cuh"
+#include "kernel_ptrs.h"
 #include "launch.cuh"
 
 namespace cream {
 namespace cuda {
 
-template <typename T, int VB, bool NHWC>
-__global__ void __launch_bounds__(kCtxThreads, 2) ctx_stats_kernel(const ContextParams p, const CtxCfg c) {
-  for (int64_t item = ck_bid(); item < c.n1; item += ck_nblocks()) ctx_stats_item<T, VB, NHWC>(p, c, item);
-}
-
 __global__ void __launch_bounds__(kCtxThreads) ctx_apply_kernel(const ContextParams p, const CtxCfg c) {
-  int* lab;
-  uint8_t* flg;
-  ctx_stage(p, c, lab, flg);
-  for (int64_t item = ck_bid(); item < c.n2; item += ck_nblocks()) ctx_apply_item(p, c, item, lab, flg);
-}
-
-// Cooperative launch only: stats, grid-wide barrier, apply.
-template <typename T, int VB, bool NHWC>
-__global__ void __launch_bounds__(kCtxThreads, 2) ctx_update_kernel(const ContextParams p, const CtxCfg c) {
-  for (int64_t item = ck_bid(); item < c.n1; item += ck_nblocks()) ctx_stats_item<T, VB, NHWC>(p, c, item);
-  ck_grid_sync();  // every sample's means and flags are written and visible
   int* lab;
   uint8_t* flg;
   ctx_stage(p, c, lab, flg);
@@ -48,9 +35,9 @@ CtxCfg stats_cfg(const ContextParams& p, const DeviceInfo& dev) {
 void launch_stats(const ContextParams& p, const CtxCfg& c, int device, cudaStream_t s) {
   dispatch_kind(p.f.dtype, pick_vb(p.f), is_nhwc(p.f), [&](auto kind) {
     using K = decltype(kind);
-    auto kernel = ctx_stats_kernel<typename K::type, K::vb, K::nhwc>;
-    ensure_smem(reinterpret_cast<const void*>(kernel), device, c.smem_stats, "ctx_stats_kernel");
-    kernel<<<static_cast<unsigned>(c.n1), kCtxThreads, static_cast<size_t>(c.smem_stats), s>>>(p, c);
+    const void* kernel = ctx_stats_kernel_ptr<typename K::type, K::vb, K::nhwc>();
+    ensure_smem(kernel, device, c.smem_stats, "ctx_stats_kernel");
+    launch_kernel(kernel, c.n1, kCtxThreads, c.smem_stats, s, p, c);
     check_launch("ctx_stats_kernel");
   });
 }
@@ -95,8 +82,7 @@ void context_update_cuda(const ContextParams& p, int device, uintptr_t stream) {
   bool done = false;
   cuda::dispatch_kind(p.f.dtype, cuda::pick_vb(p.f), cuda::is_nhwc(p.f), [&](auto kind) {
     using K = decltype(kind);
-    auto kernel = cuda::ctx_update_kernel<typename K::type, K::vb, K::nhwc>;
-    const void* fn = reinterpret_cast<const void*>(kernel);
+    const void* fn = cuda::ctx_update_kernel_ptr<typename K::type, K::vb, K::nhwc>();
     const int64_t bytes = std::max(c.smem_stats, c.stage ? c.smem_apply : int64_t(0));
     if (!dev.cooperative) return;
     cuda::ensure_smem(fn, device, bytes, "ctx_update_kernel");

@@ -95,23 +95,78 @@ __device__ __forceinline__ int ck_cluster_rank() {
   asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
   return static_cast<int>(r);
 }
-// Split cluster barrier: arrive (release) ... wait (acquire). The relaxed
-// arrive at kernel start only announces that this CTA runs (so peers may
-// touch its shared memory after their wait).
+// Split cluster barrier, used twice per kernel: the relaxed arrive at kernel
+// start announces that this CTA runs and its mbarriers are initialised (so
+// peers may write its shared memory after their wait); the one at the end keeps
+// every CTA alive until its peers' stores into it have landed. No data is
+// ordered by them (barrier.cluster.arrive.release would compile to
+// MEMBAR.ALL.GPU); barrier.cluster.wait carries an L1 invalidate (CCTL.IVALL).
 __device__ __forceinline__ void ck_cluster_arrive_relaxed() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
 }
-__device__ __forceinline__ void ck_cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void ck_cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void ck_cluster_sync() {
-  ck_cluster_arrive();
-  ck_cluster_wait();
+
+// ---- mbarrier-based exchange within a cluster (sm_90). A CTA pushes values
+// into a peer's shared memory with st.async, each completing its bytes on the
+// peer's mbarrier; the peer waits for the phase. Nothing here is a GPU-wide
+// fence: barrier.cluster.arrive.release compiles to MEMBAR.ALL.GPU and
+// barrier.cluster.wait to CCTL.IVALL (an L1 invalidate), while this path
+// compiles to SYNCS instructions only (see em_kernels.cuh for the counts).
+__device__ __forceinline__ unsigned ck_smem_u32(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
-// The address of `p` (this CTA's shared memory) in the shared memory of CTA
-// `rank` of the cluster (distributed shared memory).
-template <typename X>
-__device__ __forceinline__ X* ck_cluster_map(X* p, int rank) {
-  return cooperative_groups::this_cluster().map_shared_rank(p, static_cast<unsigned>(rank));
+__device__ __forceinline__ unsigned ck_mapa(unsigned addr, int rank) {
+  unsigned out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
+  return out;
+}
+// One thread: an mbarrier expecting one arrival per phase.
+__device__ __forceinline__ void ck_mbar_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(ck_smem_u32(bar)) : "memory");
+}
+// After the inits, before the cluster barrier that publishes them to the peers.
+__device__ __forceinline__ void ck_fence_mbar_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// One thread per phase: this CTA's arrival, announcing `bytes` from the peers.
+// (Peers' bytes may land before it: the transaction count may go negative
+// within a phase, which cannot complete before this arrival.)
+__device__ __forceinline__ void ck_mbar_expect(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(ck_smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+// Every thread: wait until the phase of parity `parity` completed. The wait is
+// relaxed at cluster scope, followed by an acquire fence restricted to shared
+// memory (the st.async data), so no L1 invalidate is needed.
+__device__ __forceinline__ void ck_mbar_wait(uint64_t* bar, int parity) {
+  const unsigned a = ck_smem_u32(bar);
+  unsigned done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.relaxed.cluster.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(a), "r"(parity)
+        : "memory");
+  } while (!done);
+  asm volatile("fence.acquire.sync_restrict::shared::cluster.cluster;\n" ::: "memory");
+}
+// dst (an address in this CTA's shared memory) in CTA `rank` <- v, completing
+// 4 bytes on `bar` (likewise mapped) of that CTA. `phase` is for the emulation.
+__device__ __forceinline__ void ck_st_async(float* dst, int rank, float v, uint64_t* bar, int phase) {
+  (void)phase;
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];\n" ::"r"(
+                   ck_mapa(ck_smem_u32(dst), rank)),
+               "r"(__float_as_uint(v)), "r"(ck_mapa(ck_smem_u32(bar), rank))
+               : "memory");
+}
+// Two consecutive floats (dst 8-byte aligned), 8 bytes on `bar`.
+__device__ __forceinline__ void ck_st_async2(float* dst, int rank, float a, float b, uint64_t* bar, int phase) {
+  (void)phase;
+  asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v2.b32 [%0], {%1, %2}, [%3];\n" ::"r"(
+                   ck_mapa(ck_smem_u32(dst), rank)),
+               "r"(__float_as_uint(a)), "r"(__float_as_uint(b)), "r"(ck_mapa(ck_smem_u32(bar), rank))
+               : "memory");
 }
 #endif
 #endif  // !CK_EMULATE

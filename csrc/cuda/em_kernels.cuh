@@ -1,17 +1,22 @@
 // EM re-activation (SPEC.md Op 2) on the GPU: the two kernel variants and
 // their launch configurations. The choice between them is made in one place,
-// em_reactivate_cuda() in em.cu (with plan_em_cluster() in em_cluster.cu for
-// the cluster's size).
+// em_reactivate_cuda() in em.cu, with plan_em() below for the cluster's size.
 //
-// Generic variant (any GPU, any shape): one CTA of 512 threads per image.
-//   Each iteration is one pass over the image in pixel tiles (all d channels
-//   x tp pixels): the tile's E-step dot products, then its posteriors, then
-//   its share of the M-step sums, which re-read the tile from L1/L2 while it
-//   is hot. So an E-step and the M-step after it share one pass from HBM
-//   (T passes for T iterations; the training-free start adds one). Partial
-//   sums live in shared memory, the centroids in the fg_out/bg_out rows of the
-//   image, per-pixel posteriors in z_fg/out until the final write.
-//   Grid = B, __launch_bounds__(512, 2): two CTAs per SM, so B = 256 fills
+// Generic variant (any GPU, any shape, every option): one CTA of 512 threads
+//   per row r = b*K + k (image b, its k-th class); the K CTAs of an image have
+//   adjacent indices, run together and walk the same tiles in the same order,
+//   so the image's features come from HBM about once per pass for all K rows
+//   and from L2 for the others. Each iteration is one pass over the image in
+//   pixel tiles (all d channels x tp pixels): the tile's E-step dot products,
+//   then its posteriors, then its share of the M-step sums, which re-read the
+//   tile from L1/L2 while it is hot. Tiles are sized in bytes so that the
+//   tiles of all resident CTAs fit in half the L2 (make_generic_cfg). So an
+//   E-step and the M-step after it share one pass from HBM (T passes for T
+//   iterations; the CAM from the classifier weight, the training-free start
+//   and sigma = auto add one each). Partial sums live in shared memory, the
+//   centroids in the fg_out/bg_out rows, per-pixel posteriors in z_fg/out
+//   until the final write (a CAM computed from W waits in `out`).
+//   Grid = B*K, __launch_bounds__(512, 2): two CTAs per SM, so B = 256 fills
 //   132 SMs in one wave. Successive passes walk the tiles in alternating
 //   order, so a pass starts on what the previous one read last (L2 hits).
 //
@@ -20,20 +25,33 @@
 //   it copies once into its shared memory with cp.async (4 commit groups, the
 //   first sweep running on each chunk as it lands). Every E/M iteration then
 //   runs from shared memory: F is read from HBM exactly once per call,
-//   whatever T is. (When a slice is too large for two CTAs per SM, the planner
-//   may keep only part of it resident and re-read the other rows from L2,
-//   where they stay because few images are in flight; see plan_em_cluster.)
+//   whatever T is. (When a slice is too large for the shared memory, the
+//   planner may keep only part of it resident and re-read the other rows from
+//   L2, when those of all resident CTAs fit in half of it; see plan_em.) K = 1,
+//   a given CAM and a numeric sigma only: other calls run the generic kernel
+//   (cluster_unsupported gives the reason).
 //   256 threads per CTA, __launch_bounds__(256, 2). Per iteration:
 //     E: partial logits over the CTA's channels for all N pixels;
-//        reduce-scatter through distributed shared memory: pixel i belongs to
-//        CTA i / ceil(N/cs), which adds the cs partials in rank order;
+//        reduce-scatter through distributed shared memory: CTA s owns pixels
+//        [s*N/cs, (s+1)*N/cs) (at least one: the planner needs N >= cs), and
+//        adds the cs partials of its pixels in rank order;
 //     the owners compute Z and push (Z_fg, Z_bg) (times the pixel's inverse
 //        norm for cosine) into every CTA's coefficient buffer, plus their
-//        masses; one cluster barrier;
+//        masses;
 //     M: each CTA's channel sums are then local: sum_i u_i f_i over its slice.
-//   Two cluster barriers per iteration (three with cosine, for the centroid
-//   norms). Channel slices make the global slice of NCHW features one
-//   contiguous block, and keep the exchanged data at O(N) per iteration.
+//   The exchanges are st.async stores into the peers' shared memory, each
+//   completing its bytes on the receiver's mbarrier (one per kind of message:
+//   partials, coefficients + masses, centroid norms for cosine), so a step
+//   waits for exactly the data it needs and no cluster barrier runs in the
+//   loop. (A barrier.cluster arrive.release/wait.acquire pair compiles to
+//   MEMBAR.ALL.GPU + CCTL.IVALL: a GPU-wide fence that waits for every
+//   outstanding global access plus an L1 invalidate, two or three times per
+//   iteration. The SASS of the bf16/16-byte/NCHW kernel at sm_90a had 5
+//   MEMBAR.ALL.GPU, 6 CCTL.IVALL and 6 UCGABAR_ARV/WAIT pairs before, and has
+//   0 MEMBAR, 2 CCTL.IVALL (the two cluster barriers at start and exit) and
+//   SYNCS.ARRIVE/PHASECHK mbarrier operations now.) Channel slices make the
+//   global slice of NCHW features one contiguous block, and keep the exchanged
+//   data at O(N) per iteration.
 //
 // Both accumulate in float32 and take every sum in a fixed order, so results
 // do not depend on scheduling.
@@ -64,6 +82,10 @@
 //   about 1.5-2x. Meeting 1.3x would need the sweeps from registers (the
 //   256 KB register file per SM holds a batch-32 image set: ~100 KB per SM).
 #pragma once
+
+#include <algorithm>
+#include <string>
+#include <vector>
 
 #include "sweeps.cuh"
 
@@ -99,9 +121,14 @@ inline int pick_vb(const FeatureView& f) {
 // Channel-major: rows of tp pixels, 512 bytes per channel row at most, a
 // multiple of 8 pixels (keeps every tile start aligned for 16-byte loads);
 // channels_last: 32 pixel rows of d channels. Tiles are balanced over N.
-inline int pixel_tile(int64_t N, int elem, bool nhwc, int nt) {
+// tp_cap > 0 caps tp further (rounded down to 8 pixels for channel-major).
+inline int pixel_tile(int64_t N, int elem, bool nhwc, int nt, int64_t tp_cap = 0) {
   int64_t tpmax = nhwc ? 32 : 512 / elem;
   if (tpmax > nt) tpmax = nt;
+  if (tp_cap > 0) {
+    if (!nhwc) tp_cap = tp_cap / 8 * 8 > 8 ? tp_cap / 8 * 8 : 8;
+    if (tp_cap < tpmax) tpmax = tp_cap;
+  }
   const int64_t ntiles = ceil_div(N, tpmax);
   int64_t tp = ceil_div(N, ntiles);
   if (!nhwc) tp = round_up(tp, 8);
@@ -121,10 +148,17 @@ struct EmGenericCfg {
 
 constexpr int kGenericThreads = 512;
 
-inline EmGenericCfg make_generic_cfg(int64_t d, int64_t N, int elem, int VB, bool nhwc, int nt, int64_t max_smem) {
+// tile_bytes > 0: the most bytes of features one tile may span (d x tp x
+// elem). A tile is read by the E-step and re-read by the M-step right after,
+// from L2 only if the tiles of all CTAs resident at once fit there: the caller
+// passes half the L2 over those CTAs (generic_cfg_for). ResNet50 28x28 bf16 at
+// B = 256: 264 resident CTAs, 60 MB L2 -> 119 KB, tp = 24 pixels (was 200,
+// 819 KB a tile, 216 MB between a tile's two reads: T = 2 read F three times).
+inline EmGenericCfg make_generic_cfg(int64_t d, int64_t N, int elem, int VB, bool nhwc, int nt, int64_t max_smem,
+                                     int64_t tile_bytes = 0) {
   EmGenericCfg c{};
   const int V = VB / elem;
-  c.tp = pixel_tile(N, elem, nhwc, nt);
+  c.tp = pixel_tile(N, elem, nhwc, nt, tile_bytes > 0 ? std::max<int64_t>(1, tile_bytes / (d * elem)) : 0);
   c.dpad = static_cast<int>(round_up(d, 4));
   c.tpad = static_cast<int>(round_up(c.tp, 4));
   const int64_t R = nhwc ? c.tp : d;                       // rows of the row_reduce
@@ -156,18 +190,23 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
   float* scr = red + 64;
 
   const int t = ck_tid(), nt = ck_nthreads();
-  const int64_t b = ck_bid();
+  const int64_t r = ck_bid();  // row r = b * K + k: image b, its k-th class
+  const int64_t b = r / p.K;
   const int d = static_cast<int>(p.f.d), N = static_cast<int>(p.f.N);
   const T* F = static_cast<const T*>(p.f.data) + b * p.f.stride_b;
   const int64_t pitch = NHWC ? p.f.stride_n : p.f.stride_d;
-  const float* cam = p.cam + b * N;
   const bool cosine = p.cosine;
-  // The centroids live in this image's rows of the outputs: what they hold at
-  // the end is what the last E-step used, which is what the op returns.
-  float* vf = p.fg_out + b * d;
-  float* vb = p.bg_out + b * d;
-  float* zrow = p.z_fg + b * N;
-  float* orow = p.out + b * N;
+  // The centroids live in this row of the outputs: what they hold at the end
+  // is what the last E-step used, which is what the op returns.
+  float* vf = p.fg_out + r * d;
+  float* vb = p.bg_out + r * d;
+  float* zrow = p.z_fg + r * N;
+  float* orow = p.out + r * N;
+  // The CAM: given, or computed below into `out` (raw features, no bias), which
+  // then holds it until the final write. The last E-step then parks its logits
+  // in z_fg (Z_fg and Z_bg are recomputed from them, bit-identically).
+  const bool cam_in_out = p.cam == nullptr;
+  const float* cam = cam_in_out ? orow : p.cam + r * N;
 
   // E-step dot products of tile [i0, i0 + tl) into x (and q).
   auto tile_e = [&](int i0, int tl, bool sq) {
@@ -207,6 +246,18 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
   int pass = 0;
   auto tile_start = [&](int tt, int pass_index) { return ((pass_index & 1) ? ntiles - 1 - tt : tt) * c.tp; };
 
+  if (cam_in_out) {  // cam_i = W[labels[r]] . f_i, one pass
+    const float* wrow = p.weight + p.labels[r] * d;
+    for (int k = t; k < d; k += nt) w[k] = wrow[k];
+    ck_sync();
+    for (int tt = 0; tt < ntiles; ++tt) {
+      const int i0 = tile_start(tt, pass), tl = N - i0 < c.tp ? N - i0 : c.tp;
+      tile_e(i0, tl, false);
+      if (t < tl) orow[i0 + t] = x[t];
+      ck_sync();
+    }
+    ++pass;
+  }
   float lo, hi;
   cam_range(cam, N, red, lo, hi);
   const float thr = cam_threshold<float>(lo, hi, p.ratio);
@@ -233,7 +284,7 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
       vb[k] = masked_mean<float>(Sb[k], static_cast<float>(N) - cnt);
     }
   } else {
-    const int64_t row = p.labels != nullptr ? p.labels[b] : b;
+    const int64_t row = p.v_by_label ? p.labels[r] : r;
     for (int k = t; k < d; k += nt) {
       vf[k] = p.v_fg[row * d + k];
       vb[k] = p.v_bg[row * d + k];
@@ -245,14 +296,62 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
     normalize(vb);
   }
 
+  // ---- temperature. sigma = auto (SPEC.md): s = population std of the
+  // initial gaps Delta_i = (v_fg - v_bg) . f_i (f_i normalised for cosine),
+  // sigma = s / 2; no similarity term (sigma +inf) when s <= 1e-6 max |Delta|.
+  // One pass; the gaps wait in z_fg. The weight is then (v_fg - v_bg) / sigma,
+  // a division (sigma may be tiny), as in the CPU kernel.
+  // The temperature waits in shared memory (red[40], red[41]: block_all uses
+  // red[0..32]) rather than in two registers live through the whole loop.
+  float* temp = red + 40;  // [0] 1/sigma, [1] sigma = auto: sigma, 0 for a flat row
+  if (p.sigma_auto) {
+    for (int k = t; k < d; k += nt) w[k] = vf[k] - vb[k];
+    ck_sync();
+    float sum = 0.f, amax = 0.f;
+    for (int tt = 0; tt < ntiles; ++tt) {
+      const int i0 = tile_start(tt, pass), tl = N - i0 < c.tp ? N - i0 : c.tp;
+      tile_e(i0, tl, cosine);
+      if (t < tl) {
+        const float delta = cosine ? inv_norm<float>(q[t]) * x[t] : x[t];
+        zrow[i0 + t] = delta;
+        sum += delta;
+        const float a = fabsf(delta);
+        amax = a > amax ? a : amax;
+      }
+      ck_sync();
+    }
+    ++pass;
+    const float mu = block_sum(sum, red) / static_cast<float>(N);
+    amax = block_max(amax, red);
+    float var = 0.f;
+    for (int i = t; i < N; i += nt) {
+      const float e = zrow[i] - mu;
+      var = fmaf(e, e, var);
+    }
+    const float sd = sqrtf(block_sum(var, red) / static_cast<float>(N));
+    const bool flat = sd <= 1e-6f * amax;  // a NaN sd is not flat and propagates
+    if (t == 0) {
+      temp[1] = flat ? 0.f : sd / 2.f;
+      temp[0] = flat ? 0.f : 1.f / temp[1];
+      p.sigma_used[r] = flat ? kInf : temp[1];
+    }
+  } else if (t == 0) {
+    temp[0] = 1.f / p.sigma;
+    temp[1] = 0.f;
+    p.sigma_used[r] = p.sigma;
+  }
+  ck_sync();
+
   // ---- iterations: E-step (+ M-step) in one pass over the tiles
-  const float inv_sigma = 1.f / p.sigma;
   float a_fg = 0.5f, a_bg = 0.5f;
   float on_fg_fg = 0.f, on_fg_bg = 0.f;  // calibration sums of this thread (last E-step)
   for (int it = 1; it <= p.num_iters; ++it) {
     const bool mstep = it < p.num_iters;
+    const float inv_sigma = temp[0], div = temp[1];
     for (int k = t; k < d; k += nt) {
-      w[k] = logit_weight<float>(vf[k], vb[k], inv_sigma);
+      w[k] = !p.sigma_auto ? logit_weight<float>(vf[k], vb[k], inv_sigma)
+             : div > 0.f   ? (vf[k] - vb[k]) / div
+                           : (vf[k] - vb[k]) * 0.f;  // flat row: Z = a (NaN stays NaN)
       if (mstep) Sf[k] = Sb[k] = 0.f;
     }
     const float bias = logit_bias<float>(a_fg, a_bg);
@@ -272,8 +371,12 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
           mass_fg += z;
           mass_bg += zb;
         } else {
-          zrow[i] = z;
-          orow[i] = zb;  // Z_bg parked in `out` until calibration picks a branch
+          if (cam_in_out) {
+            zrow[i] = logit;  // `out` holds the CAM
+          } else {
+            zrow[i] = z;
+            orow[i] = zb;  // Z_bg parked in `out` until calibration picks a branch
+          }
           if (cam_is_fg<float>(cam[i], lo, thr)) {
             on_fg_fg += z;
             on_fg_bg += zb;
@@ -307,12 +410,19 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
   const bool picked = calibration_picks_fg<float>(sf, sb);
   for (int i = t; i < N; i += nt) {
     const float cn = cam_normalized<float>(cam[i], lo, hi);
-    orow[i] = reactivated<float>(picked, zrow[i], orow[i], cn);
+    if (cam_in_out) {
+      const float logit = zrow[i];
+      const float z = z_fg_of<float>(logit), zb = z_bg_of<float>(logit);
+      zrow[i] = z;
+      orow[i] = reactivated<float>(picked, z, zb, cn);
+    } else {
+      orow[i] = reactivated<float>(picked, zrow[i], orow[i], cn);
+    }
   }
   if (t == 0) {
-    p.mix[2 * b] = a_fg;
-    p.mix[2 * b + 1] = a_bg;
-    p.picked_fg[b] = picked ? 1 : 0;
+    p.mix[2 * r] = a_fg;
+    p.mix[2 * r + 1] = a_bg;
+    p.picked_fg[r] = picked ? 1 : 0;
   }
 }
 
@@ -320,7 +430,7 @@ __device__ __forceinline__ void em_generic_body(const EMParams& p, const EmGener
 struct EmClusterCfg {
   int cs;         // CTAs per cluster (one cluster per image)
   int cl;         // channels per CTA
-  int rown;       // pixels owned per CTA (ceil(N / cs))
+  int rown;       // most pixels owned by one CTA (ceil(N / cs)); CTA s owns [s*N/cs, (s+1)*N/cs)
   int rownp;      // rown rounded up to 4
   int npad;       // N rounded up to 4
   int clp;        // cl rounded up to 4
@@ -335,8 +445,8 @@ struct EmClusterCfg {
   int scratch;    // floats of col_reduce scratch
   int64_t mat_bytes;
   // float offsets after the slice
-  int off_w, off_vf, off_vb, off_sf, off_sb, off_xq, off_recv, off_uu, off_g, off_z, off_zb, off_slots, off_red,
-      off_scr;
+  int off_w, off_vf, off_vb, off_sf, off_sb, off_xq, off_recv, off_uu, off_g, off_z, off_zb, off_slots, off_bar,
+      off_red, off_scr;
   int64_t smem;  // dynamic shared memory bytes (<= 0: does not fit)
 };
 
@@ -345,8 +455,13 @@ constexpr int kClusterThreads = 256;
 // Configuration for cs CTAs per image within `smem_budget` bytes of shared
 // memory per CTA: as many rows of the slice resident as fit (all of them when
 // possible, trading col_reduce scratch for residency first).
+// g_min: the least lanes per row of the shared-memory row_reduce; 0 = the
+// default (row_lanes), which pads the row pitch against bank conflicts. With
+// g_min >= 128 / VB a row's lanes cover whole 128-byte wavefronts and the rows
+// need no padding (channels_last 28x28 bf16: 784 rows of 256 bytes, 213 KB
+// padded to 272 bytes a row, 200 KB unpadded).
 inline EmClusterCfg make_cluster_cfg(int64_t d, int64_t N, int elem, int VB, bool nhwc, int num_iters, bool trainfree,
-                                     bool cosine, int nt, int cs, int64_t smem_budget) {
+                                     bool cosine, int nt, int cs, int64_t smem_budget, int g_min = 0) {
   EmClusterCfg c{};
   c.smem = -1;
   const int V = VB / elem;
@@ -354,6 +469,8 @@ inline EmClusterCfg make_cluster_cfg(int64_t d, int64_t N, int elem, int VB, boo
   int64_t cl = ceil_div(d, cs);
   if (nhwc) cl = round_up(cl, V);  // keeps each CTA's first channel vector-aligned
   if ((cs - 1) * cl >= d) return c;  // some CTA would own no channel: use fewer CTAs
+  if (N < cs) return c;              // some CTA would own no pixel (the exchange needs every CTA to own one)
+  if (8 * N >= (int64_t(1) << 20)) return c;  // an mbarrier phase counts < 2^20 bytes (8 per pixel at most)
   c.cl = static_cast<int>(cl);
   c.clp = static_cast<int>(round_up(cl, 4));
   c.rown = static_cast<int>(ceil_div(N, cs));
@@ -366,6 +483,7 @@ inline EmClusterCfg make_cluster_cfg(int64_t d, int64_t N, int elem, int VB, boo
   c.row_bytes = cols * elem;
   const int ncv = static_cast<int>(ceil_div(cols, V));
   c.g_smem = row_lanes(static_cast<int>(rows), ncv, nt, false);
+  if (g_min > c.g_smem) c.g_smem = g_min < pow2_at_least(ncv) ? g_min : pow2_at_least(ncv);
   c.g_glob = row_lanes(static_cast<int>(rows), ncv, nt, true);
   c.pitch = smem_pitch(cols, elem, VB, c.g_smem);
   int off = 0;
@@ -393,6 +511,8 @@ inline EmClusterCfg make_cluster_cfg(int64_t d, int64_t N, int elem, int VB, boo
   off += c.rownp;
   c.off_slots = off;
   off += static_cast<int>(round_up(3 * 2 * cs, 4));
+  c.off_bar = off;  // three 8-byte mbarriers (16-byte aligned)
+  off += 8;
   c.off_red = off;
   off += 64;
   c.off_scr = off;
@@ -449,6 +569,10 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
   float* oz = fl + c.off_z;       // [rownp] last Z_fg of owned pixels
   float* ozb = fl + c.off_zb;     // [rownp] last Z_bg of owned pixels
   float* slots = fl + c.off_slots;  // [3][cs][2]: masses, calibration sums, centroid norms
+  uint64_t* bars = reinterpret_cast<uint64_t*>(fl + c.off_bar);
+  uint64_t* barX = bars;      // phase: the partial logits of this CTA's pixels have arrived
+  uint64_t* barU = bars + 1;  // phase: the M-step coefficients and masses (or calibration sums) have arrived
+  uint64_t* barN = bars + 2;  // phase: the centroid norm partials (cosine) have arrived
   float* red = fl + c.off_red;
   float* scr = fl + c.off_scr;
 
@@ -458,8 +582,11 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
   const int d = static_cast<int>(p.f.d), N = static_cast<int>(p.f.N);
   const int k0 = rank * c.cl;
   const int Cr = d - k0 < c.cl ? (d - k0 > 0 ? d - k0 : 0) : c.cl;  // channels of this CTA
-  const int o0 = rank * c.rown;
-  const int nown = N - o0 < c.rown ? (N - o0 > 0 ? N - o0 : 0) : c.rown;  // pixels owned
+  // Pixels owned: CTA s owns [start(s), start(s + 1)), at least one (N >= cs).
+  auto start = [&](int s) { return static_cast<int>(static_cast<int64_t>(s) * N / cs); };
+  auto owner = [&](int i) { return static_cast<int>((static_cast<int64_t>(i + 1) * cs - 1) / N); };
+  const int o0 = start(rank);
+  const int nown = start(rank + 1) - o0;
   const T* Fb = static_cast<const T*>(p.f.data) + b * p.f.stride_b;
   // This CTA's slice: NCHW rows = its channels, columns = pixels;
   // channels_last rows = pixels, columns = its channels.
@@ -511,17 +638,39 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
     m_sweep_in(mat, c.pitch, c.g_smem, 0, rres, false);
     if (rres < rows) m_sweep_in(gslice, gpitch, c.g_glob, rres, rows, true);
   };
-  // Sum of (a, b) over the cluster: push to slot `kind` of every CTA, barrier,
-  // add the cs values in rank order (the same bits in every CTA).
-  auto cluster_sum2 = [&](int kind, float a, float bsum, float& ra, float& rb) {
-    if (t == 0) {
-      for (int s = 0; s < cs; ++s) {
-        float* dst = ck_cluster_map(slots, s) + (kind * cs + rank) * 2;
+  // The exchange (no cluster barrier in the loop): each kind of message has an
+  // mbarrier in every CTA; a sender st.async-s its values into the peer's
+  // buffer, each store completing its bytes on the peer's mbarrier, and writes
+  // its own share locally; the receiver announces the peers' byte count
+  // (ck_mbar_expect), then waits for the phase. The messages follow one fixed
+  // sequence (X, U, [N], X, U, [N], ...), never the same kind twice in a row,
+  // and every step is all-to-all (every CTA owns a pixel and sends every peer
+  // its partials, coefficients and sums). So a CTA sends its step-n+1 data
+  // only after it received every peer's step-n data, which each peer sent
+  // after finishing its own step n-1 (reads of the buffers included): one
+  // buffer per kind suffices, and no phase can receive the next phase's bytes.
+  int phX = 0, phU = 0, phN = 0;
+  auto finish = [&](uint64_t* bar, int& ph, unsigned bytes) {
+    if (t == 0) ck_mbar_expect(bar, bytes);
+    ck_sync();  // this CTA's local share is written
+    ck_mbar_wait(bar, ph & 1);
+    ++ph;
+  };
+  // Push (a, b) to slot `kind` of every CTA (threads 0..cs-1, one peer each).
+  auto push2 = [&](int kind, float a, float bsum, uint64_t* bar, int ph) {
+    if (t < cs) {
+      float* dst = slots + (kind * cs + rank) * 2;
+      if (t == rank) {
         dst[0] = a;
         dst[1] = bsum;
+      } else {
+        ck_st_async2(dst, t, a, bsum, bar, ph);
       }
     }
-    ck_cluster_sync();
+  };
+  // Sum over the cluster of the pairs in slot `kind`, in rank order (the same
+  // bits in every CTA).
+  auto slot_sum = [&](int kind, float& ra, float& rb) {
     ra = 0.f;
     rb = 0.f;
     for (int s = 0; s < cs; ++s) {
@@ -537,8 +686,10 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
     }
     sf = block_sum(sf, red);
     sb = block_sum(sb, red);
+    push2(2, sf, sb, barN, phN);
+    finish(barN, phN, 8u * static_cast<unsigned>(cs - 1));
     float tf, tb;
-    cluster_sum2(2, sf, sb, tf, tb);
+    slot_sum(2, tf, tb);
     const float rf = inv_norm<float>(tf), rb = inv_norm<float>(tb);
     for (int k = t; k < Cr; k += nt) {
       vf[k] *= rf;
@@ -551,6 +702,12 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
     ck_sync();
   };
 
+  if (t == 0) {
+    ck_mbar_init(barX);
+    ck_mbar_init(barU);
+    ck_mbar_init(barN);
+    ck_fence_mbar_init();
+  }
   ck_cluster_arrive_relaxed();
 
   // 1. Start copying the resident rows into shared memory, in nchunks chunks.
@@ -592,7 +749,7 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
     }
     cnt = block_sum(cnt, red);
   } else {
-    const int64_t row = p.labels != nullptr ? p.labels[b] : b;
+    const int64_t row = p.v_by_label ? p.labels[b] : b;  // (K = 1: row = image)
     for (int k = t; k < Cr; k += nt) {
       vf[k] = p.v_fg[row * d + k0 + k];
       vb[k] = p.v_bg[row * d + k0 + k];
@@ -640,14 +797,19 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
     const bool mstep = it < p.num_iters;
     const bool sq = cosine && it == 1;
     if (it > 1 || trainfree) e_sweep(sq);  // (iteration 1 of given centroids ran in step 3)
-    // reduce-scatter: partials of pixel i go to CTA i / rown
+    // reduce-scatter: the partials of pixel i go to its owner
     for (int i = t; i < N; i += nt) {
-      const int s = i / c.rown, j = i - s * c.rown;
-      float* dst = ck_cluster_map(recv, s) + (rank * 2) * c.rownp + j;
-      dst[0] = xq[i];
-      if (sq) dst[c.rownp] = xq[c.npad + i];
+      const int s = owner(i);
+      float* dst = recv + (rank * 2) * c.rownp + (i - start(s));
+      if (s == rank) {
+        dst[0] = xq[i];
+        if (sq) dst[c.rownp] = xq[c.npad + i];
+      } else {
+        ck_st_async(dst, s, xq[i], barX, phX);
+        if (sq) ck_st_async(dst + c.rownp, s, xq[c.npad + i], barX, phX);
+      }
     }
-    ck_cluster_sync();  // #1
+    finish(barX, phX, 4u * static_cast<unsigned>((cs - 1) * nown * (sq ? 2 : 1)));
 
     const float bias = logit_bias<float>(a_fg, a_bg);
     float s1 = 0.f, s2 = 0.f;  // masses (M-step) or calibration sums (last E-step)
@@ -665,9 +827,13 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
       if (mstep) {
         const float cu = cosine ? z * g : z, cub = cosine ? zb * g : zb;
         for (int s = 0; s < cs; ++s) {
-          float* dst = ck_cluster_map(uu, s);
-          dst[o0 + j] = cu;
-          dst[c.npad + o0 + j] = cub;
+          if (s == rank) {
+            uu[o0 + j] = cu;
+            uu[c.npad + o0 + j] = cub;
+          } else {
+            ck_st_async(uu + o0 + j, s, cu, barU, phU);
+            ck_st_async(uu + c.npad + o0 + j, s, cub, barU, phU);
+          }
         }
         s1 += z;
         s2 += zb;
@@ -682,8 +848,10 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
     }
     s1 = block_sum(s1, red);
     s2 = block_sum(s2, red);
+    push2(mstep ? 0 : 1, s1, s2, barU, phU);
+    finish(barU, phU, 8u * static_cast<unsigned>(cs - 1 + (mstep ? N - nown : 0)));
     float t1, t2;
-    cluster_sum2(mstep ? 0 : 1, s1, s2, t1, t2);  // includes barrier #2
+    slot_sum(mstep ? 0 : 1, t1, t2);
 
     if (mstep) {
       m_sweep();
@@ -711,15 +879,155 @@ __device__ __forceinline__ void em_cluster_body(const EMParams& p, const EmClust
         p.mix[2 * b] = a_fg;
         p.mix[2 * b + 1] = a_bg;
         p.picked_fg[b] = picked ? 1 : 0;
+        p.sigma_used[b] = p.sigma;
       }
     }
   }
-  // No CTA touches another's shared memory after the last barrier (#2 of the
-  // last iteration), so CTAs may exit independently.
+  // Every store into this CTA's shared memory has landed (the last phase of
+  // barU), but this CTA's own stores to its peers may still be in flight: no
+  // CTA exits before all have arrived here (the one cluster barrier after the
+  // start; no data is ordered by it, so its arrive is relaxed).
+  ck_cluster_arrive_relaxed();
+  ck_cluster_wait();
 #else
   (void)p;
   (void)c;
 #endif
+}
+
+// ============================================================ variant choice
+// Host-side and free of CUDA calls (the occupancy query comes in as `occ`), so
+// the emulation test can print the plans of the benchmark shapes.
+struct PlanDevice {
+  int cc_major = 0, cc_minor = 0, sms = 1;
+  int64_t max_smem = 48 * 1024, smem_per_sm = 48 * 1024, l2_bytes = 0;
+};
+
+struct EmPlan {
+  bool cluster = false;   // run the cluster kernel with cfg
+  EmClusterCfg cfg{};
+  int clusters = 0;       // clusters resident at once (occupancy query)
+  int ctas_per_sm = 0;    // what the plan's shared memory allows: 2 or 1
+  std::string rule;       // which rule of plan_em picked it
+  std::string why;        // why the generic kernel runs, when !cluster
+};
+
+// Why the cluster kernel cannot run these inputs at all ("" when it can).
+inline std::string cluster_unsupported(const EMParams& p, const PlanDevice& dev) {
+  if (dev.cc_major < 9)
+    return "thread-block clusters need compute capability 9.0 (this device: " + std::to_string(dev.cc_major) + "." +
+           std::to_string(dev.cc_minor) + ")";
+  if (p.K != 1) return "K > 1 classes per image (the cluster kernel runs one row per image)";
+  if (p.weight != nullptr) return "the CAM from the classifier weight (computed by the generic kernel only)";
+  if (p.sigma_auto) return "sigma = auto (implemented in the generic kernel only)";
+  return "";
+}
+
+// Cluster size and residency, in order of preference (each checked with the
+// occupancy query `occ(cfg)` -> clusters resident at once, before it is taken):
+//  A. the slice fits whole in half an SM's shared memory (two CTAs per SM, so
+//     one CTA's loads overlap the other's sweeps): the smallest such cs,
+//     raised until the batch gives every SM a CTA (B * cs >= SMs; batch 1
+//     spreads one image over 16 SMs);
+//  C. the whole slice in one CTA per SM (up to 227 KB);
+//  B. 16 CTAs (then 8) per image, two per SM, each keeping what fits of its
+//     slice in shared memory and re-reading the other rows from L2 (read from
+//     HBM in the first sweep), when the re-read rows of all the CTAs resident
+//     at once fit in half the L2;
+//  D. the same with one CTA per SM (more rows resident, fewer CTAs).
+//  Otherwise the generic kernel. A and C read F from HBM exactly once; B and D
+//  rely on L2 keeping the re-read rows, hence after C. (ResNet50 28x28: bf16
+//  NCHW and channels_last take C; fp32 takes D where the L2 holds the re-read
+//  rows, i.e. 132 CTAs x 63 rows x 3136 bytes = 26 MB within half the L2.)
+//  With a row pitch padded against bank conflicts a whole slice can miss the
+//  budget by the padding (channels_last 28x28 bf16: 213 KB padded, 200 KB
+//  not): then the row_reduce takes enough lanes per row to need no padding.
+template <class Occ>
+EmPlan plan_em(const EMParams& p, const PlanDevice& dev, Occ&& occ) {
+  EmPlan plan;
+  plan.why = cluster_unsupported(p, dev);
+  if (!plan.why.empty()) return plan;
+  const FeatureView& f = p.f;
+  const int elem = elem_bytes(f.dtype);
+  const int vb = pick_vb(f);
+  const bool nhwc = is_nhwc(f);
+  const bool trainfree = p.v_fg == nullptr;
+  const int sizes[] = {1, 2, 4, 8, 16};
+  const int64_t half_sm = std::min<int64_t>(dev.max_smem, dev.smem_per_sm / 2 - 1024);
+  auto cfg_for = [&](int cs, int64_t budget) {
+    EmClusterCfg a =
+        make_cluster_cfg(f.d, f.N, elem, vb, nhwc, p.num_iters, trainfree, p.cosine, kClusterThreads, cs, budget);
+    if (vb >= 4 && (a.smem <= 0 || (a.keep && a.rres < a.rows))) {
+      EmClusterCfg w = make_cluster_cfg(f.d, f.N, elem, vb, nhwc, p.num_iters, trainfree, p.cosine, kClusterThreads,
+                                        cs, budget, 128 / vb);
+      if (w.smem > 0 && (a.smem <= 0 || w.rres > a.rres)) return w;
+    }
+    return a;
+  };
+  auto whole = [](const EmClusterCfg& c) { return c.smem > 0 && (!c.keep || c.rres >= c.rows); };
+  struct Cand {
+    EmClusterCfg c;
+    int per_sm;
+    const char* rule;
+  };
+  std::vector<Cand> order;
+  // A
+  int first = -1;
+  for (int i = 0; i < 5 && first < 0; ++i)
+    if (whole(cfg_for(sizes[i], half_sm))) first = i;
+  if (first >= 0) {
+    int want = first;
+    while (want < 4 && f.B * sizes[want] < dev.sms && whole(cfg_for(sizes[want + 1], half_sm))) ++want;
+    for (int i = want; i >= first; --i)
+      order.push_back({cfg_for(sizes[i], half_sm), 2, "A: whole slice, two CTAs per SM"});
+  }
+  // C
+  for (int i = 0; i < 5; ++i) {
+    const EmClusterCfg c = cfg_for(sizes[i], dev.max_smem);
+    if (whole(c)) {
+      order.push_back({c, 1, "C: whole slice, one CTA per SM"});
+      break;
+    }
+  }
+  // B, D
+  int64_t least_reread = -1;
+  for (int per_sm : {2, 1}) {
+    for (int cs : {16, 8}) {
+      const EmClusterCfg c = cfg_for(cs, per_sm == 2 ? half_sm : dev.max_smem);
+      if (c.smem <= 0 || whole(c)) continue;
+      const int64_t ctas = std::min<int64_t>(f.B * cs, per_sm * int64_t(dev.sms));
+      const int64_t reread = ctas * int64_t(c.rows - c.rres) * c.row_bytes;
+      if (least_reread < 0 || reread < least_reread) least_reread = reread;
+      if (reread <= dev.l2_bytes / 2)
+        order.push_back({c, per_sm,
+                         per_sm == 2 ? "B: partly resident, two CTAs per SM" : "D: partly resident, one CTA per SM"});
+    }
+  }
+  for (const Cand& cand : order) {
+    const int n = occ(cand.c);
+    if (n >= 1) {
+      plan.cluster = true;
+      plan.cfg = cand.c;
+      plan.clusters = n;
+      plan.ctas_per_sm = cand.per_sm;
+      plan.rule = cand.rule;
+      return plan;
+    }
+  }
+  if (!order.empty()) {
+    plan.why = "the device cannot schedule a cluster with the shared memory this shape needs";
+  } else if (f.N < 2) {
+    plan.why = "a map of one pixel";
+  } else {
+    const double mb = 1.0 / (1024.0 * 1024.0);
+    const int64_t image = f.d * f.N * elem;
+    plan.why = "an image's map (" + std::to_string(image * mb).substr(0, 6) +
+               " MB) fits neither in the shared memory of 16 CTAs nor partly, with the rows re-read by all resident "
+               "CTAs in half the L2 (" +
+               (least_reread < 0 ? std::string("no partial plan") : std::to_string(least_reread * mb).substr(0, 6) + " MB") +
+               " > " + std::to_string(dev.l2_bytes / 2 * mb).substr(0, 6) + " MB)";
+  }
+  return plan;
 }
 
 }  // namespace cuda

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -58,6 +59,17 @@ struct DeviceInfo {
 // Read once per device with cudaDeviceGetAttribute, then cached.
 const DeviceInfo& device_info(int device);
 
+inline PlanDevice plan_device(const DeviceInfo& d) {
+  PlanDevice p;
+  p.cc_major = d.cc_major;
+  p.cc_minor = d.cc_minor;
+  p.sms = d.sms;
+  p.max_smem = d.max_smem;
+  p.smem_per_sm = d.smem_per_sm;
+  p.l2_bytes = d.l2_bytes;
+  return p;
+}
+
 // Raises the kernel's dynamic shared memory limit when `bytes` needs it (once
 // per kernel, device and size).
 void ensure_smem(const void* kernel, int device, int64_t bytes, const char* name);
@@ -100,12 +112,23 @@ void dispatch_kind(int dtype, int vb, bool nhwc, Fn&& fn) {
   }
 }
 
+// The generic EM kernel's configuration for these inputs on this device.
+// Tiles are sized so that the tiles of all resident CTAs (two per SM) fit in
+// half the L2 (see make_generic_cfg).
+inline EmGenericCfg generic_cfg_for(const EMParams& p, const DeviceInfo& dev) {
+  const FeatureView& f = p.f;
+  const int64_t resident = std::max<int64_t>(1, std::min<int64_t>(f.B * p.K, 2 * int64_t(dev.sms)));
+  const int64_t tile_bytes = dev.l2_bytes > 0 ? dev.l2_bytes / 2 / resident : 0;
+  return make_generic_cfg(f.d, f.N, elem_bytes(f.dtype), pick_vb(f), is_nhwc(f), kGenericThreads, dev.max_smem,
+                          tile_bytes);
+}
+
 // Entry points of the two EM variants (em_generic.cu, em_cluster.cu); the
 // choice between them is made in em.cu.
 void launch_em_generic(const EMParams& p, int device, cudaStream_t stream);
-// Fills *cfg and returns true when the cluster variant can run these inputs on
-// this device; otherwise returns false and says why in *why.
-bool plan_em_cluster(const EMParams& p, int device, EmClusterCfg* cfg, std::string* why);
+// The cluster variant's plan for these inputs on this device: plan.cluster,
+// or plan.why says why not (em_kernels.cuh, plan_em).
+EmPlan plan_em_cluster(const EMParams& p, int device);
 void launch_em_cluster(const EMParams& p, const EmClusterCfg& cfg, int device, cudaStream_t stream);
 
 }  // namespace cuda

@@ -66,7 +66,8 @@ std::string cuda_build_info() {
   }
 #endif
   os << "; cudart " << CUDART_VERSION / 1000 << "." << (CUDART_VERSION % 1000) / 10 << " (static)";
-  os << "; EM variants: generic (all GPUs), cluster (sm_90, on request: CREAM_KERNELS_CUDA_VARIANT=cluster)";
+  os << "; EM variants: cluster (sm_90, by default where its plan fits: _C.cuda_em_plan says), generic (all GPUs, "
+        "every option; CREAM_KERNELS_CUDA_VARIANT=generic forces it)";
   return os.str();
 }
 

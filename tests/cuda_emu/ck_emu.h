@@ -8,6 +8,9 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
+#include <map>
+#include <mutex>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -31,8 +34,25 @@ struct alignas(8) float2 { float x, y; };
 
 namespace emu {
 using Bar = std::barrier<>;
+// An mbarrier with one expected arrival per phase and a transaction count.
+struct Mbar {
+  std::mutex mu;
+  std::condition_variable cv;
+  int64_t phase = 0;  // phases completed
+  int pending = 1;
+  int64_t tx = 0;
+  void maybe_complete() {
+    if (pending == 0 && tx == 0) {
+      ++phase;
+      pending = 1;
+      cv.notify_all();
+    }
+  }
+};
 struct Block {
   int nt = 0;
+  std::mutex mbar_mu;
+  std::map<ptrdiff_t, std::unique_ptr<Mbar>> mbars;  // by shared-memory offset
   std::unique_ptr<Bar> bar;
   std::vector<std::unique_ptr<Bar>> wbar;
   std::vector<float> xbuf;
@@ -159,14 +179,77 @@ inline void ck_cp_wait(int) {}
 inline void ck_grid_sync() { emu::ctx.grid->bar->arrive_and_wait(); }
 inline int ck_cluster_rank() { return emu::ctx.rank; }
 inline void ck_cluster_arrive_relaxed() { emu::ctx.token.emplace(emu::ctx.cl->bar->arrive()); }
-inline void ck_cluster_arrive() { emu::ctx.token.emplace(emu::ctx.cl->bar->arrive()); }
 inline void ck_cluster_wait() {
   emu::ctx.cl->bar->wait(std::move(*emu::ctx.token));
   emu::ctx.token.reset();
 }
-inline void ck_cluster_sync() { emu::ctx.cl->bar->arrive_and_wait(); }
-template <typename X>
-inline X* ck_cluster_map(X* p, int rank) {
-  const ptrdiff_t off = reinterpret_cast<unsigned char*>(p) - emu::ctx.blk->smem;
-  return reinterpret_cast<X*>(emu::ctx.cl->blocks[rank]->smem + off);
+// ---- mbarriers and st.async
+namespace emu {
+inline ptrdiff_t smem_off(const void* p) {
+  const ptrdiff_t off = static_cast<const unsigned char*>(p) - ctx.blk->smem;
+  if (off < 0 || off >= static_cast<ptrdiff_t>(ctx.blk->smem_store.size())) {
+    std::fprintf(stderr, "emu: %p is not in this block's shared memory\n", p);
+    std::abort();
+  }
+  return off;
+}
+inline Mbar& mbar_of(Block* b, ptrdiff_t off) {
+  std::lock_guard<std::mutex> lock(b->mbar_mu);
+  auto it = b->mbars.find(off);
+  if (it == b->mbars.end()) {
+    std::fprintf(stderr, "emu: mbarrier at offset %ld used before its init\n", static_cast<long>(off));
+    std::abort();
+  }
+  return *it->second;
+}
+// Complete `bytes` on the mbarrier at `off` of CTA `rank` after writing the
+// data; `phase` is the phase the sender means: any other is a protocol bug.
+inline void complete_tx(int rank, ptrdiff_t off, int64_t bytes, int phase) {
+  Mbar& m = mbar_of(ctx.cl->blocks[rank], off);
+  std::lock_guard<std::mutex> lock(m.mu);
+  if (m.phase != phase) {
+    std::fprintf(stderr, "emu: st.async for phase %d reached an mbarrier in phase %ld\n", phase, static_cast<long>(m.phase));
+    std::abort();
+  }
+  m.tx -= bytes;
+  m.maybe_complete();
+}
+}  // namespace emu
+inline void ck_mbar_init(uint64_t* bar) {
+  auto* b = emu::ctx.blk;
+  const ptrdiff_t off = emu::smem_off(bar);
+  std::lock_guard<std::mutex> lock(b->mbar_mu);
+  b->mbars[off] = std::make_unique<emu::Mbar>();
+}
+inline void ck_fence_mbar_init() {}
+inline void ck_mbar_expect(uint64_t* bar, unsigned bytes) {
+  emu::Mbar& m = emu::mbar_of(emu::ctx.blk, emu::smem_off(bar));
+  std::lock_guard<std::mutex> lock(m.mu);
+  if (m.pending != 1) {
+    std::fprintf(stderr, "emu: a second arrival in one phase\n");
+    std::abort();
+  }
+  m.pending = 0;
+  m.tx += bytes;
+  m.maybe_complete();
+}
+inline void ck_mbar_wait(uint64_t* bar, int parity) {
+  emu::Mbar& m = emu::mbar_of(emu::ctx.blk, emu::smem_off(bar));
+  std::unique_lock<std::mutex> lock(m.mu);
+  m.cv.wait(lock, [&] { return (m.phase & 1) != parity; });
+}
+inline void ck_st_async(float* dst, int rank, float v, uint64_t* bar, int phase) {
+  const ptrdiff_t off = emu::smem_off(dst);
+  std::memcpy(emu::ctx.cl->blocks[rank]->smem + off, &v, 4);
+  emu::complete_tx(rank, emu::smem_off(bar), 4, phase);
+}
+inline void ck_st_async2(float* dst, int rank, float a, float b, uint64_t* bar, int phase) {
+  if (reinterpret_cast<uintptr_t>(dst) % 8 != 0) {
+    std::fprintf(stderr, "emu: st.async.v2 to an address that is not 8-byte aligned\n");
+    std::abort();
+  }
+  const ptrdiff_t off = emu::smem_off(dst);
+  std::memcpy(emu::ctx.cl->blocks[rank]->smem + off, &a, 4);
+  std::memcpy(emu::ctx.cl->blocks[rank]->smem + off + 4, &b, 4);
+  emu::complete_tx(rank, emu::smem_off(bar), 8, phase);
 }
