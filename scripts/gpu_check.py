@@ -28,7 +28,7 @@ import torch
 SHAPES = [("vgg16", 1024, 14), ("r50", 2048, 14), ("r50", 2048, 28)]
 BATCHES = [1, 32, 256]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DRY_SHAPES = [("tiny", 24, 5), ("small", 40, 7)]
+DRY_SHAPES = [("tiny", 24, 5)]
 DRY_BATCHES = [1, 3]
 # impl name -> (backend, CREAM_KERNELS_CUDA_VARIANT or None)
 IMPLS = {"generic": ("cuda", "generic"), "cluster": ("cuda", "cluster"), "triton": ("triton", None)}
