@@ -214,27 +214,37 @@ def cmd_timing(args):
     return 0
 
 
+def parse_cases(spec):
+    """"2x59x7:fp32;2x40x13:bf16:cl" -> [(B, d, hw, dtype name, channels_last)]."""
+    out = []
+    for item in filter(None, spec.split(";")):
+        parts = item.split(":")
+        B, d, hw = (int(x) for x in parts[0].split("x"))
+        out.append((B, d, hw, parts[1] if len(parts) > 1 else "bf16", len(parts) > 2 and parts[2] == "cl"))
+    return out
+
+
 def cmd_workload(args):
-    """One configuration per implementation named, no reference: for
-    compute-sanitizer and ncu (the kernels of interest are the only big ones)."""
+    """Each case once per implementation named, no reference: for compute-sanitizer
+    (one process for several shapes: the tool's start-up is the slow part) and ncu."""
     device, _, _, impls = setup(args.dry_run)
-    dt = DTYPES[args.dtype]
-    f, cam, v_fg, v_bg = inputs(args.B, args.d, args.hw, dt, device)
-    if args.channels_last:
-        f = f.contiguous(memory_format=torch.channels_last)
     names = list(impls) if args.dry_run else args.impls.split(",")
-    for impl in names:
-        backend, variant = impls[impl]
-        for _ in range(args.reps):
-            out = run_impl(impl, backend, variant, f, cam, v_fg, v_bg)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        finite = bool(torch.isfinite(out).all())
-        log(f"workload {impl}: B={args.B} d={args.d} {args.hw}x{args.hw} {args.dtype}"
-            f"{' channels_last' if args.channels_last else ''} x{args.reps}: outputs finite={finite}; "
-            + plan_line(args.B, args.d, args.hw, dt, device) * (impl == "cluster"))
-        if not finite:
-            return 1
+    for B, d, hw, dn, cl in parse_cases(args.cases):
+        dt = DTYPES[dn]
+        f, cam, v_fg, v_bg = inputs(B, d, hw, dt, device)
+        if cl:
+            f = f.contiguous(memory_format=torch.channels_last)
+        for impl in names:
+            backend, variant = impls[impl]
+            for _ in range(args.reps):
+                out = run_impl(impl, backend, variant, f, cam, v_fg, v_bg)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            finite = bool(torch.isfinite(out).all())
+            log(f"workload {impl}: B={B} d={d} {hw}x{hw} {dn}{' channels_last' if cl else ''} x{args.reps}: "
+                f"outputs finite={finite}" + ("; " + plan_line(B, d, hw, dt, device) if impl == "cluster" else ""))
+            if not finite:
+                return 1
     return 0
 
 
@@ -278,10 +288,8 @@ def main(argv=None):
     t.add_argument("--csv", default=None)
     w = sub.add_parser("workload")
     w.add_argument("--impls", default="generic,cluster")
-    for k, v in (("--B", 256), ("--d", 2048), ("--hw", 28), ("--reps", 1)):
-        w.add_argument(k, type=int, default=v)
-    w.add_argument("--dtype", default="bf16", choices=list(DTYPES))
-    w.add_argument("--channels-last", action="store_true")
+    w.add_argument("--cases", default="256x2048x28:bf16", help='"BxDxHW:dtype[:cl];..." (cl: channels_last)')
+    w.add_argument("--reps", type=int, default=1)
     n = sub.add_parser("ncu")
     n.add_argument("--log", required=True)
     n.add_argument("--label", default="")

@@ -176,25 +176,22 @@ step tests 110 run_tests
 
 # ---------------------------------------------------------------- 6. compute-sanitizer memcheck
 sanitize() {
-  local cs rc=0 v shape flt
-  # a few shapes: odd sizes (masked tails), 8-byte and 1-element accesses, channels_last
-  local shapes=("--B 2 --d 59 --hw 7 --dtype fp32" "--B 3 --d 64 --hw 14 --dtype bf16"
-    "--B 2 --d 40 --hw 13 --dtype bf16 --channels-last")
+  local cs rc=0 v flt
+  # a few shapes, one process per variant: odd sizes (masked tails), 8-byte and
+  # 1-element accesses, channels_last
+  local cases="2x59x7:fp32;3x64x14:bf16;2x40x13:bf16:cl"
   if ((DRY)); then
     echo "dry run: no compute-sanitizer on CPU; the same workloads without it:"
-    for shape in "${shapes[@]}"; do $GC workload $shape || rc=1; done
-    return $rc
+    $GC workload --cases "$cases"
+    return
   fi
   cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
   [ -n "$cs" ] || { echo "compute-sanitizer not found"; return 1; }
-  # only our kernels are instrumented (mangled names contain the cream namespace)
+  # only our kernels are instrumented (their names contain the cream namespace)
   if "$cs" --help 2>&1 | grep -q -- "--kernel-name"; then flt="--kernel-name kns=cream"; else flt="--filter kns=cream"; fi
   for v in generic cluster; do
-    for shape in "${shapes[@]}"; do
-      echo "--- memcheck $v $shape"
-      "$cs" --tool memcheck $flt --error-exitcode 9 --print-limit 10 \
-        $GC workload --impls $v $shape || rc=1
-    done
+    echo "--- memcheck $v ($flt) on $cases"
+    "$cs" --tool memcheck $flt --error-exitcode 9 --print-limit 10 $GC workload --impls $v --cases "$cases" || rc=1
   done
   return $rc
 }
@@ -204,21 +201,20 @@ step sanitizer 55 sanitize
 # ---------------------------------------------------------------- 7. ncu: passes over the features
 ncu_passes() {
   local n rc=0 v
-  local case="--B 256 --d 2048 --hw 28 --dtype bf16"
   if ((DRY)); then
     echo "dry run: no ncu on CPU; the workload it would profile, at a small size:"
-    $GC workload --B 2 --d 32 --hw 6 --dtype bf16 || return 1
+    $GC workload --cases "2x32x6:bf16" || return 1
     return 0
   fi
   n=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   [ -n "$n" ] || { echo "ncu not found"; return 1; }
   for v in generic cluster; do
-    echo "--- ncu dram__bytes_read.sum, $v, $case (cold caches: ncu flushes them)"
+    echo "--- ncu dram__bytes_read.sum, $v, B=256 r50 28x28 bf16 (cold caches: ncu flushes them)"
     "$n" --metrics dram__bytes_read.sum --kernel-name regex:"em_(generic|cluster)_kernel" --launch-count 1 \
       --clock-control none --csv --print-units base --log-file "/tmp/ncu_$v.csv" \
-      $GC workload --impls $v $case || rc=1
+      $GC workload --impls $v --cases "256x2048x28:bf16" || rc=1
     cat "/tmp/ncu_$v.csv"
-    $GC ncu --log "/tmp/ncu_$v.csv" --label "$v" $case | tee -a "$SUMMARY" || rc=1
+    $GC ncu --log "/tmp/ncu_$v.csv" --label "$v" --B 256 --d 2048 --hw 28 --dtype bf16 | tee -a "$SUMMARY" || rc=1
   done
   return $rc
 }
