@@ -50,7 +50,9 @@ if ((DRY)); then
   export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   echo "DRY RUN on CPU: GPU-only parts are skipped and say so" | tee -a "$SUMMARY"
 fi
-export PY OUT DRY GC SUMMARY SCALE
+ENVF="${TMPDIR:-/tmp}/gpu_check_env.$$"
+rm -f "$ENVF"
+export PY OUT DRY GC SUMMARY SCALE ENVF
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 # step NAME LIMIT_S FUNCTION: runs the exported shell function in a child bash under
@@ -86,7 +88,7 @@ print(' '.join(m for m in ('pybind11', 'ninja', 'setuptools') if u.find_spec(m) 
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/gpu_check_site \
       .whl/*.whl || return 1
     export PYTHONPATH="/tmp/gpu_check_site:$PYTHONPATH"
-    echo "export PYTHONPATH=/tmp/gpu_check_site:\$PYTHONPATH" >"$OUT/.env_build"
+    echo "export PYTHONPATH=/tmp/gpu_check_site:\$PYTHONPATH" >"$ENVF"
   else
     echo "build requirements present (setuptools, pybind11, ninja)"
   fi
@@ -101,7 +103,7 @@ print(' '.join(m for m in ('pybind11', 'ninja', 'setuptools') if u.find_spec(m) 
       fi
       if (cd / && env -u PYTHONPATH "$PY" -c "import cream_kernels._C") 2>/dev/null; then
         echo "dry run: this tree has no built module; using the installed cream_kernels (as pytest tests does)"
-        echo "export PYTHONPATH=" >"$OUT/.env_build"
+        echo "export PYTHONPATH=" >"$ENVF"
         return 0
       fi
       echo "dry run: building the CPU part only, in place"
@@ -125,7 +127,7 @@ print(' '.join(m for m in ('pybind11', 'ninja', 'setuptools') if u.find_spec(m) 
 }
 export -f build
 step build 150 build
-[ -f "$OUT/.env_build" ] && . "$OUT/.env_build" && rm -f "$OUT/.env_build"
+[ -f "$ENVF" ] && . "$ENVF" && rm -f "$ENVF"
 
 # ---------------------------------------------------------------- 2. info
 info() {
