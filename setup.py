@@ -30,18 +30,21 @@ ROOT = Path(__file__).resolve().parent
 # Build time of the CUDA part (issue 11). Measured on the project's 2-core machine
 # while 8 other sessions loaded it (loadavg from 0.9 up to ~460), so wall times are
 # inflated up to 10x; CPU times (user + sys) are the comparable figures.
-#  before (4 .cu files, 16-33 kernels each; archs 80;90a;90+PTX):
+#  before (5 .cu files: em_generic.cu 16 kernels, em_cluster.cu 16, context.cu 33;
+#  archs 80;90a;90+PTX):
 #    whole build, MAX_JOBS=2, default archs: 55 min 48 s wall, 811 CPU-s (13.5 min)
 #    longest file at sm_90a alone (em_cluster.cu, 16 kernels): LONGEST_BEFORE
 #  after (5 host files + 24 in inst/, one per kernel x dtype x layout; archs
 #  80;90a;compute_90, i.e. without the sm_90 cubin that duplicated sm_90a):
-#    longest file at sm_90a alone (inst/em_cluster_bf16_nchw.cu, 3 kernels): LONGEST_AFTER
+#    longest file at sm_90a alone (inst/em_cluster_bf16_nchw.cu, 3 cluster kernels,
+#    the costliest kind):
+#      51 CPU-s (49.0 user + 2.0 sys; 787 s wall at loadavg ~260-360)
 #    one cluster kernel alone at sm_90a: 23 CPU-s (21.6 user + 1.5 sys; 253 s wall);
 #    a host-only file (em_cluster.cu) at sm_90a: 12.5 CPU-s
 #    whole build, MAX_JOBS=2, default archs: WHOLE_AFTER
 #  Not measured (no time under that load): the sm_90a-only whole builds.
 DEFAULT_ARCHS = "80;90a;compute_90"
-BUILD_COST = "about 14 CPU-minutes, i.e. a minute or two on 16 cores"
+BUILD_COST = "about 14 CPU-minutes in all, spread over MAX_JOBS cores"
 
 
 def find_nvcc():

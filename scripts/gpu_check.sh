@@ -148,7 +148,8 @@ export -f smoke
 step smoke 80 smoke
 
 # ---------------------------------------------------------------- 4. timing
-timing() { $GC timing ${GPU_CHECK_DTYPES:+--dtypes $GPU_CHECK_DTYPES}; }
+# no output poisoning while timing (it adds a fill kernel per call)
+timing() { CREAM_KERNELS_DEBUG_POISON=0 $GC timing ${GPU_CHECK_DTYPES:+--dtypes $GPU_CHECK_DTYPES}; }
 export -f timing
 step timing 60 timing
 
