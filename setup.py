@@ -39,9 +39,13 @@ ROOT = Path(__file__).resolve().parent
 #    longest file at sm_90a alone (inst/em_cluster_bf16_nchw.cu, 3 cluster kernels,
 #    the costliest kind):
 #      51 CPU-s (49.0 user + 2.0 sys; 787 s wall at loadavg ~260-360)
-#    one cluster kernel alone at sm_90a: 23 CPU-s (21.6 user + 1.5 sys; 253 s wall);
+#    one cluster kernel alone at sm_90a (the 64-file layout tried first): 23 CPU-s (21.6 user + 1.5 sys; 253 s wall);
 #    a host-only file (em_cluster.cu) at sm_90a: 12.5 CPU-s
-#    whole build, MAX_JOBS=2, default archs: WHOLE_AFTER
+#    whole build, MAX_JOBS=2, default archs: unfinished at the session's deadline
+#      (20 of 33 ninja steps after 55 min wall, at loadavg 260-560), so not known
+#    kernel resource usage (cuobjdump --dump-resource-usage): identical to before for
+#      the 70 (arch, kernel) pairs compared (all 33 context kernels at sm_80 and
+#      sm_90a, 4 EM kernels at sm_90a)
 #  Not measured (no time under that load): the sm_90a-only whole builds.
 DEFAULT_ARCHS = "80;90a;compute_90"
 BUILD_COST = "about 14 CPU-minutes in all, spread over MAX_JOBS cores"
