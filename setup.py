@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent
 #  before (5 .cu files: em_generic.cu 16 kernels, em_cluster.cu 16, context.cu 33;
 #  archs 80;90a;90+PTX):
 #    whole build, MAX_JOBS=2, default archs: 55 min 48 s wall, 811 CPU-s (13.5 min)
-#    longest file at sm_90a alone (em_cluster.cu, 16 kernels): LONGEST_BEFORE
+#    longest file at sm_90a alone (em_cluster.cu, 16 kernels): 219 CPU-s
+#      (215.2 user + 4.0 sys; 1826 s wall at loadavg ~260-560)
 #  after (5 host files + 24 in inst/, one per kernel x dtype x layout; archs
 #  80;90a;compute_90, i.e. without the sm_90 cubin that duplicated sm_90a):
 #    longest file at sm_90a alone (inst/em_cluster_bf16_nchw.cu, 3 cluster kernels,
