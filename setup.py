@@ -42,14 +42,17 @@ ROOT = Path(__file__).resolve().parent
 #      51 CPU-s (49.0 user + 2.0 sys; 787 s wall at loadavg ~260-360)
 #    one cluster kernel alone at sm_90a (the 64-file layout tried first): 23 CPU-s (21.6 user + 1.5 sys; 253 s wall);
 #    a host-only file (em_cluster.cu) at sm_90a: 12.5 CPU-s
-#    whole build, MAX_JOBS=2, default archs: unfinished at the session's deadline
-#      (20 of 33 ninja steps after 55 min wall, at loadavg 260-560), so not known
+#    whole build, MAX_JOBS=2, default archs: 66 min 21 s wall, 1106 CPU-s (18.4 min;
+#      1028 user + 77 sys; loadavg 17.6 at start, 4.0 at end, up to ~560 between).
+#      So the split costs ~36% more CPU in all (a fixed ~9-12 CPU-s of preprocessing,
+#      cudafe++ and host g++ per file) while the longest file drops 219 -> 51 CPU-s:
+#      faster with many cores, but NOT yet "no slower" on 2 cores (fewer, larger
+#      groups, or lighter includes in inst/ files, would trade some of that back).
 #    kernel resource usage (cuobjdump --dump-resource-usage): identical to before for
-#      the 70 (arch, kernel) pairs compared (all 33 context kernels at sm_80 and
-#      sm_90a, 4 EM kernels at sm_90a)
+#      all 130 (arch, kernel) pairs (65 kernels at sm_80 and sm_90a)
 #  Not measured (no time under that load): the sm_90a-only whole builds.
 DEFAULT_ARCHS = "80;90a;compute_90"
-BUILD_COST = "about 14 CPU-minutes in all, spread over MAX_JOBS cores"
+BUILD_COST = "about 18 CPU-minutes in all, spread over MAX_JOBS cores"
 
 
 def find_nvcc():
