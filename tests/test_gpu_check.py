@@ -1,0 +1,73 @@
+"""scripts/gpu_check.sh cannot rot: its --dry-run runs every step on CPU (what
+needs a GPU is skipped and says so), and the pieces it relies on are checked
+here: the generated CUDA instance files, the ncu log parser."""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cuda_instances_up_to_date():
+    gen = _load("generate_instances", ROOT / "csrc/cuda/generate_instances.py")
+    assert gen.main(["--check"]) == 0, "run python csrc/cuda/generate_instances.py"
+    files = gen.instances()
+    # every (kernel, dtype, width, layout) that dispatch_kind can pick is instantiated exactly once
+    lines = [ln for text in files.values() for ln in text.splitlines() if ln.startswith("CK_INSTANTIATE(")]
+    assert len(lines) == len(set(lines)) == 4 * (2 + 3 + 3) * 2
+    launch = (ROOT / "csrc/cuda/launch.cuh").read_text()
+    for ctype, _, vbs in gen.KINDS:
+        for vb in vbs:
+            assert f"Kind<{ctype}, {vb}, false>" in launch and f"Kind<{ctype}, {vb}, true>" in launch
+
+
+def test_ncu_parser(tmp_path):
+    gc = _load("gpu_check", ROOT / "scripts/gpu_check.py")
+    log = tmp_path / "ncu.csv"
+    log.write_text(
+        "==PROF== Connected to process 1\n"
+        '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
+        '"Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"\n'
+        '"0","1","python3","h","void cream::cuda::em_generic_kernel<cream::bf16_t, 16, false>(...)","1","7",'
+        '"(512, 1, 1)","(256, 1, 1)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte",'
+        '"1,644,167,168"\n'
+    )
+    fb = 256 * 2048 * 28 * 28 * 2
+    rows = gc.parse_ncu(log, fb)
+    assert len(rows) == 1
+    kernel, nbytes, passes = rows[0]
+    assert "em_generic_kernel" in kernel and nbytes == 1644167168 and passes == pytest.approx(1644167168 / fb)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, GPU_CHECK_DTYPES="fp32",
+               GPU_CHECK_LIMIT_SCALE=os.environ.get("GPU_CHECK_LIMIT_SCALE", "4"), OMP_NUM_THREADS="1")
+    r = subprocess.run(["bash", str(ROOT / "scripts/gpu_check.sh"), "--dry-run"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1800)
+    summary = (out / "summary.txt").read_text()
+    assert r.returncode == 0, summary + r.stdout[-4000:] + r.stderr[-2000:]
+    for step in ("build", "info", "smoke", "timing", "tests", "sanitizer", "ncu"):
+        assert f"{step}: rc=0" in summary, summary
+        assert (out / f"{step}.log").is_file()
+    assert "smoke: all within bounds" in (out / "smoke.log").read_text()
+    timing = (out / "timing.log").read_text()
+    assert "cpu(stand-in" in timing and "triton" in timing and "ERROR" not in timing
+    assert "no compute-sanitizer on CPU" in (out / "sanitizer.log").read_text()
+    assert "no ncu on CPU" in (out / "ncu.log").read_text()
+    assert "outputs finite=True" in (out / "ncu.log").read_text()
+    # at most 8 files come back from a device call's $OUT
+    assert len(list(out.iterdir())) <= 8
