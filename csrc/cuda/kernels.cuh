@@ -12,7 +12,7 @@
 namespace cream {
 namespace cuda {
 
-// Generic EM variant: one CTA per image (em_generic_body).
+// Generic EM variant: one CTA per EM row r = b*K + k, an image's K CTAs adjacent (em_generic_body).
 template <typename T, int VB, bool NHWC>
 __global__ void __launch_bounds__(kGenericThreads, 2) em_generic_kernel(const EMParams p, const EmGenericCfg c) {
   em_generic_body<T, VB, NHWC>(p, c);

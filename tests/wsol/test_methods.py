@@ -11,7 +11,7 @@ from cream_wsol.methods import ADL, METHOD_DEFAULTS, attach_adl, cutmix, has, ma
 from cream_wsol.models import build_model  # noqa: E402
 from cream_wsol.train import TrainConfig, load_checkpoint, train  # noqa: E402
 
-IMAGE = 32
+from _tiny import IMAGE, tiny_cfg  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +21,7 @@ def tiny_data(tmp_path_factory):
 
 
 def _cfg(data, out, **kw) -> TrainConfig:
-    base = dict(dataset="synthetic", data_root=str(data[0]), metadata_root=str(data[1]), arch="small",
-                model_kwargs={"width": 8}, image_size=IMAGE, batch_size=8, lr=0.01, epochs=2, lr_step=1,
-                seed=5, out_dir=str(out), progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_cfg(data, out, **{"seed": 5, **kw})
 
 
 def test_defaults_are_wsolevaluations():

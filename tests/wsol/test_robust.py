@@ -27,7 +27,7 @@ from cream_wsol.train import (ResumeMismatchError, TrainConfig, load_checkpoint,
                               preset, train)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-IMAGE = 32
+from _tiny import IMAGE, tiny_cfg  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +37,7 @@ def tiny(tmp_path_factory):
 
 
 def _cfg(data, out, **kw) -> TrainConfig:
-    base = dict(dataset="synthetic", data_root=str(data[0]), metadata_root=str(data[1]), arch="small",
-                model_kwargs={"width": 8}, image_size=IMAGE, batch_size=8, lr=0.01, epochs=2, lr_step=1,
-                seed=3, out_dir=str(out), progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_cfg(data, out, **{"seed": 3, **kw})
 
 
 def _same_run_state(a: dict, b: dict):

@@ -1,0 +1,13 @@
+"""The tiny training config the harness tests share (small CNN, 32 px synthetic data)."""
+from cream_wsol.train import TrainConfig
+
+IMAGE = 32
+
+
+def tiny_cfg(data, out, *, seed: int = 3, **kw) -> TrainConfig:
+    """A 2-epoch small-CNN config on ``data`` = (data_root, metadata_root) writing to ``out``."""
+    base = dict(dataset="synthetic", data_root=str(data[0]), metadata_root=str(data[1]), arch="small",
+                model_kwargs={"width": 8}, image_size=IMAGE, batch_size=8, lr=0.01, epochs=2, lr_step=1,
+                seed=seed, out_dir=str(out), progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
