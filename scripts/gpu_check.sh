@@ -79,6 +79,17 @@ step() {
 # ---------------------------------------------------------------- 1. build
 build() {
   local need
+  if ((DRY)); then  # a built or installed module needs no build requirements
+    if "$PY" -c "import cream_kernels._C" 2>/dev/null; then
+      echo "dry run: this tree's cream_kernels._C is built; not rebuilding"
+      return 0
+    fi
+    if (cd / && env -u PYTHONPATH "$PY" -c "import cream_kernels._C") 2>/dev/null; then
+      echo "dry run: this tree has no built module; using the installed cream_kernels (as pytest tests does)"
+      echo "export PYTHONPATH=" >"$ENVF"
+      return 0
+    fi
+  fi
   need=$("$PY" -c "
 import importlib.util as u
 print(' '.join(m for m in ('pybind11', 'ninja', 'setuptools') if u.find_spec(m) is None))")
@@ -97,15 +108,6 @@ print(' '.join(m for m in ('pybind11', 'ninja', 'setuptools') if u.find_spec(m) 
   if [ -z "$cc" ]; then
     if ((DRY)); then
       echo "dry run: no nvidia-smi/GPU; on the device the arch comes from nvidia-smi --query-gpu=compute_cap"
-      if "$PY" -c "import cream_kernels._C" 2>/dev/null; then
-        echo "dry run: this tree's cream_kernels._C is built; not rebuilding"
-        return 0
-      fi
-      if (cd / && env -u PYTHONPATH "$PY" -c "import cream_kernels._C") 2>/dev/null; then
-        echo "dry run: this tree has no built module; using the installed cream_kernels (as pytest tests does)"
-        echo "export PYTHONPATH=" >"$ENVF"
-        return 0
-      fi
       echo "dry run: building the CPU part only, in place"
       CREAM_KERNELS_CUDA=0 "$PY" setup.py -q build_ext --inplace
       return

@@ -52,7 +52,13 @@ def _same_run_state(a: dict, b: dict):
 
 def _env():
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO, os.path.join(REPO, "python"), env.get("PYTHONPATH", "")])
+    # the child imports exactly the packages this process imported (the installed ones in CI,
+    # the source tree with its in-place build in a checkout): the same kernels on both sides
+    import cream_kernels
+    import cream_wsol
+
+    roots = [os.path.dirname(os.path.dirname(os.path.abspath(m.__file__))) for m in (cream_kernels, cream_wsol)]
+    env["PYTHONPATH"] = os.pathsep.join(roots + [env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     return env
 
