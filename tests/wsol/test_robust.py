@@ -63,6 +63,24 @@ def _env():
     return env
 
 
+_TRAIN_CHILD = r"""
+import json, sys
+from cream_wsol.train import TrainConfig, train
+cfg = TrainConfig.from_dict(json.load(open(sys.argv[1])))
+r = train(cfg, resume=sys.argv[2] or None)
+print("RESULT " + json.dumps({"checkpoint": r["checkpoint"], "log": r["log"]}))
+"""
+
+
+def _train_child(cfg_file, resume=""):
+    """train() in a fresh process (same environment as the signal child); its result and stdout."""
+    r = subprocess.run([sys.executable, "-c", _TRAIN_CHILD, str(cfg_file), resume or ""], env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return dict(json.loads(line[len("RESULT "):]), stdout=r.stdout)
+
+
 _CHILD = r"""
 import json, os, sys, time
 import torch
@@ -92,7 +110,12 @@ def test_signal_mid_epoch_saves_and_resume_is_bit_exact(tiny, tmp_path, sig, cap
     """A real signal from another process while step 4 (of 6) runs: one line, an
     exact-resume checkpoint, exit code 128 + signal; the resumed run ends with the
     same weights, embeddings and optimizer state as an uninterrupted one."""
-    full = train(_cfg(tiny, tmp_path / "full"))
+    # the uninterrupted run, the interrupted one and the resume each run in a fresh child
+    # process with the same environment, so no state left by earlier tests of this
+    # session (thread pools, imports) can tell them apart
+    full_file = tmp_path / "full.json"
+    full_file.write_text(json.dumps(_cfg(tiny, tmp_path / "full").to_dict()))
+    full = _train_child(full_file)
     cfg = _cfg(tiny, tmp_path / "sig")
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
@@ -122,9 +145,8 @@ def test_signal_mid_epoch_saves_and_resume_is_bit_exact(tiny, tmp_path, sig, cap
     assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 1, 4)
     assert not [n for n in os.listdir(tmp_path / "sig") if n.startswith(".")]  # no temp file left
 
-    capsys.readouterr()
-    resumed = train(cfg, resume="auto")
-    printed = capsys.readouterr().out
+    resumed = _train_child(cfg_file, resume="auto")
+    printed = resumed["stdout"]
     assert f"resuming from {tmp_path / 'sig' / 'checkpoint.pt'} at epoch 2 step 1" in printed
     _same_run_state(load_checkpoint(full["checkpoint"]), load_checkpoint(resumed["checkpoint"]))
     # the log of the resumed run is the uninterrupted run's (timings aside)
