@@ -95,13 +95,18 @@ def test_em_first_call(benchmark, harness):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import cream_kernels
+
+    # the child imports the package this process benchmarks (installed, or a built checkout)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(cream_kernels.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)
     result = {}
 
     def run():
-        out = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, capture_output=True, text=True, timeout=600)
+        # cwd "/": `python -c` puts the cwd first on sys.path, which in a checkout is the unbuilt source tree
+        out = subprocess.run([sys.executable, "-c", FIRST_CALL], env=env, capture_output=True, text=True, timeout=600,
+                             cwd="/")
         assert out.returncode == 0, out.stderr[-2000:]
         result.update(json.loads(out.stdout.strip().splitlines()[-1]))
 

@@ -51,6 +51,8 @@ def _same_run_state(a: dict, b: dict):
 
 
 def _env():
+    """The children's environment; they also run with cwd "/", since `python -c` puts the cwd
+    first on sys.path, which in a checkout would be the (possibly unbuilt) source tree."""
     env = dict(os.environ)
     # the child imports exactly the packages this process imported (the installed ones in CI,
     # the source tree with its in-place build in a checkout): the same kernels on both sides
@@ -75,7 +77,7 @@ print("RESULT " + json.dumps({"checkpoint": r["checkpoint"], "log": r["log"]}))
 def _train_child(cfg_file, resume=""):
     """train() in a fresh process (same environment as the signal child); its result and stdout."""
     r = subprocess.run([sys.executable, "-c", _TRAIN_CHILD, str(cfg_file), resume or ""], env=_env(),
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, cwd="/")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     line = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return dict(json.loads(line[len("RESULT "):]), stdout=r.stdout)
@@ -121,7 +123,7 @@ def test_signal_mid_epoch_saves_and_resume_is_bit_exact(tiny, tmp_path, sig, cap
     cfg_file.write_text(json.dumps(cfg.to_dict()))
     ready, go = tmp_path / "ready", tmp_path / "go"
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(cfg_file), str(ready), str(go)], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     try:
         t0 = time.time()
         while not ready.exists():
