@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .metrics import calculate_multiple_iou
+from .train import ConfigMixin
 
 __all__ = ["RegressConfig", "BoxRegressor", "BoxDataset", "train_regressor", "load_regressor", "predict_boxes", "box_metrics",
            "evaluate_cream_reg", "REGRESSOR_CHECKPOINT"]
@@ -49,7 +50,7 @@ REGRESSOR_LR_NOTE = (
 
 
 @dataclass
-class RegressConfig:
+class RegressConfig(ConfigMixin):
     """Everything a regressor run depends on (stored in its checkpoint)."""
 
     pseudo_root: str = ""  # metadata folder holding <split>/localization.txt (the pseudo boxes)
@@ -75,17 +76,6 @@ class RegressConfig:
     progress: bool = True
     device: str = "auto"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
-
-    def replace(self, **kw) -> "RegressConfig":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "RegressConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "RegressConfig":

@@ -109,8 +109,24 @@ class TrainingInterrupted(Exception):
         self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
 
 
+class ConfigMixin:
+    """replace / to_dict / from_dict for the harness's config dataclasses (TrainConfig,
+    regress.RegressConfig); from_dict ignores keys the class does not have."""
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigMixin):
     """Everything a training run depends on (stored in each checkpoint)."""
 
     dataset: str = "synthetic"  # a label for logs and reports
@@ -153,16 +169,6 @@ class TrainConfig:
     method: str = "cam"  # WSOL training method (methods.py, issue 9): cam | has | adl | cutmix
     method_kwargs: Dict[str, float] = field(default_factory=dict)  # overrides of its defaults
 
-    def replace(self, **kw) -> "TrainConfig":
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # The paper's schedules (section 4.1): batch 32, lr 1e-3 (classifier x10),

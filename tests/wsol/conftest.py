@@ -80,3 +80,13 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """A tiny synthetic set (3 classes, 24/6/9 images of 32 px) for the training tests; one per module."""
+    from _tiny import IMAGE
+    from cream_wsol.data import make_synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return make_synthetic(str(root), seed=0, num_classes=3, n_train=24, n_val=6, n_test=9, image_size=IMAGE)

@@ -1,4 +1,4 @@
-"""Long runs on real data without losing work or being misled (issue 13), on the tiny
+"""Long runs on real data without losing work or being misled (issue 13), on the tiny_data
 synthetic set and the small CPU net (seconds): SIGINT / SIGTERM to a training
 subprocess then resume is bit-exact, the time-based checkpoint, the pre-flight file
 check, refused resumes, the pretrained requirement, the derived crop, absolute data
@@ -20,24 +20,13 @@ pytest.importorskip("cream_kernels")
 
 from cream_wsol import train as train_mod  # noqa: E402
 from cream_wsol.cli import main  # noqa: E402
-from cream_wsol.data import make_synthetic  # noqa: E402
 from cream_wsol.evaluate import MapSpec, evaluate_checkpoint, format_metrics_table  # noqa: E402
 from cream_wsol.preflight import BadFilesError  # noqa: E402
 from cream_wsol.train import (ResumeMismatchError, TrainConfig, load_checkpoint, load_trained,  # noqa: E402
                               preset, train)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _tiny import IMAGE, tiny_cfg  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("robust-data")
-    return make_synthetic(str(root), seed=0, num_classes=3, n_train=24, n_val=6, n_test=9, image_size=IMAGE)
-
-
-def _cfg(data, out, **kw) -> TrainConfig:
-    return tiny_cfg(data, out, **{"seed": 3, **kw})
+from _tiny import IMAGE, tiny_cfg as _cfg  # noqa: E402
 
 
 def _same_run_state(a: dict, b: dict):
@@ -108,7 +97,7 @@ sys.exit(0)
 
 # ------------------------------------------------------------------ signals
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_mid_epoch_saves_and_resume_is_bit_exact(tiny, tmp_path, sig, capsys):
+def test_signal_mid_epoch_saves_and_resume_is_bit_exact(tiny_data, tmp_path, sig, capsys):
     """A real signal from another process while step 4 (of 6) runs: one line, an
     exact-resume checkpoint, exit code 128 + signal; the resumed run ends with the
     same weights, embeddings and optimizer state as an uninterrupted one."""
@@ -116,9 +105,9 @@ def test_signal_mid_epoch_saves_and_resume_is_bit_exact(tiny, tmp_path, sig, cap
     # process with the same environment, so no state left by earlier tests of this
     # session (thread pools, imports) can tell them apart
     full_file = tmp_path / "full.json"
-    full_file.write_text(json.dumps(_cfg(tiny, tmp_path / "full").to_dict()))
+    full_file.write_text(json.dumps(_cfg(tiny_data, tmp_path / "full").to_dict()))
     full = _train_child(full_file)
-    cfg = _cfg(tiny, tmp_path / "sig")
+    cfg = _cfg(tiny_data, tmp_path / "sig")
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
     ready, go = tmp_path / "ready", tmp_path / "go"
@@ -171,13 +160,13 @@ def test_signal_handler_sets_a_flag_then_a_second_signal_stops_at_once():
 
 @pytest.mark.parametrize("bad", [dict(ckpt_every_minutes=-1.0), dict(ckpt_every_minutes=float("nan")),
                                  dict(val_every_steps=-2), dict(ckpt_every_steps=1.5), dict(val_max_images=0)])
-def test_bad_long_run_settings_name_the_setting(tiny, tmp_path, bad):
+def test_bad_long_run_settings_name_the_setting(tiny_data, tmp_path, bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
-        train(_cfg(tiny, tmp_path / "x", **bad))
+        train(_cfg(tiny_data, tmp_path / "x", **bad))
     assert not os.path.exists(tmp_path / "x")
 
 
-def test_time_based_checkpoint(tiny, tmp_path, monkeypatch):
+def test_time_based_checkpoint(tiny_data, tmp_path, monkeypatch):
     """Default every 10 minutes: a clock that jumps 11 minutes during step 4 gives a
     mid-epoch checkpoint at step 4; without the jump the last one is the epoch end."""
     assert TrainConfig().ckpt_every_minutes == 10.0
@@ -197,15 +186,15 @@ def test_time_based_checkpoint(tiny, tmp_path, monkeypatch):
 
         out = tmp_path / f"t{int(jump)}"
         with pytest.raises(Crash):
-            train(_cfg(tiny, out), on_step=on_step)
+            train(_cfg(tiny_data, out), on_step=on_step)
         ck = load_checkpoint(str(out))
         assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == want
 
 
 # ------------------------------------------------------------------ pre-flight
-def test_preflight_lists_every_bad_file_at_once(tiny, tmp_path):
+def test_preflight_lists_every_bad_file_at_once(tiny_data, tmp_path):
     root = tmp_path / "copy"
-    shutil.copytree(os.path.dirname(tiny[0]), root)
+    shutil.copytree(os.path.dirname(tiny_data[0]), root)
     data, meta = str(root / "data"), str(root / "metadata")
     ids = {s: open(os.path.join(meta, s, "image_ids.txt")).read().split() for s in ("train", "val")}
     missing = os.path.join(data, ids["train"][5])
@@ -231,8 +220,8 @@ def test_preflight_lists_every_bad_file_at_once(tiny, tmp_path):
 
 
 # ------------------------------------------------------------------ resume
-def test_mismatched_resume_is_refused_naming_each_difference(tiny, tmp_path, capsys):
-    cfg = _cfg(tiny, tmp_path / "run", epochs=1)
+def test_mismatched_resume_is_refused_naming_each_difference(tiny_data, tmp_path, capsys):
+    cfg = _cfg(tiny_data, tmp_path / "run", epochs=1)
     train(cfg)
     before = load_checkpoint(str(tmp_path / "run"))
     with pytest.raises(ResumeMismatchError) as ei:
@@ -247,7 +236,7 @@ def test_mismatched_resume_is_refused_naming_each_difference(tiny, tmp_path, cap
     after = load_checkpoint(str(tmp_path / "run"))
     assert after["global_step"] == before["global_step"] and after["config"]["lr"] == 0.01
     # the CLI: exit 2 with the message; --no-resume starts over
-    data, meta = tiny
+    data, meta = tiny_data
     args = ["train", "--preset", "synthetic-quick", "--data-root", data, "--metadata-root", meta, "--image-size",
             str(IMAGE), "--batch-size", "8", "--epochs", "1", "--out", str(tmp_path / "cli"), "--no-progress"]
     assert main(args) == 0
@@ -259,8 +248,8 @@ def test_mismatched_resume_is_refused_naming_each_difference(tiny, tmp_path, cap
     assert load_checkpoint(str(tmp_path / "cli"))["config"]["lr"] == 0.5
 
 
-def test_real_presets_need_pretrained_or_no_pretrained(tiny, tmp_path, capsys):
-    data, meta = tiny
+def test_real_presets_need_pretrained_or_no_pretrained(tiny_data, tmp_path, capsys):
+    data, meta = tiny_data
     for p in ("cub-vgg16", "ilsvrc-resnet50", "openimages-inceptionv3"):
         assert main(["train", "--preset", p, "--data-root", data, "--metadata-root", meta,
                      "--out", str(tmp_path / p), "--no-progress"]) == 2
@@ -271,12 +260,12 @@ def test_real_presets_need_pretrained_or_no_pretrained(tiny, tmp_path, capsys):
                  "--metadata-root", meta, "--out", str(tmp_path / "both"), "--no-progress"]) == 2
 
 
-def test_image_size_alone_sets_the_crop_and_sizes_are_printed(tiny, tmp_path, capsys):
+def test_image_size_alone_sets_the_crop_and_sizes_are_printed(tiny_data, tmp_path, capsys):
     assert preset("cub-vgg16").crop_size == 224
     assert preset("cub-vgg16", image_size=112).crop_size == 112
     assert preset("cub-vgg16", image_size=112, crop_size=96).crop_size == 96
     assert preset("cub-vgg16", image_size=112).preset == "cub-vgg16"
-    data, meta = tiny
+    data, meta = tiny_data
     assert main(["train", "--preset", "synthetic-quick", "--data-root", data, "--metadata-root", meta,
                  "--image-size", "24", "--batch-size", "8", "--epochs", "1", "--out", str(tmp_path / "r"),
                  "--no-progress", "--no-val"]) == 0
@@ -286,8 +275,8 @@ def test_image_size_alone_sets_the_crop_and_sizes_are_printed(tiny, tmp_path, ca
 
 
 # ------------------------------------------------------------------ paths
-def test_checkpoint_paths_are_absolute_and_evaluate_works_from_another_cwd(tiny, tmp_path, monkeypatch, capsys):
-    data, meta = tiny
+def test_checkpoint_paths_are_absolute_and_evaluate_works_from_another_cwd(tiny_data, tmp_path, monkeypatch, capsys):
+    data, meta = tiny_data
     base = os.path.dirname(data)
     monkeypatch.chdir(base)
     summary = train(_cfg(("data", "metadata"), "run-rel", epochs=1))  # relative paths on purpose
@@ -308,9 +297,9 @@ def test_checkpoint_paths_are_absolute_and_evaluate_works_from_another_cwd(tiny,
 
 
 # ------------------------------------------------------------------ validation
-def test_validation_during_training_logs_and_keeps_the_best(tiny, tmp_path):
+def test_validation_during_training_logs_and_keeps_the_best(tiny_data, tmp_path):
     out = tmp_path / "val"
-    summary = train(_cfg(tiny, out, epochs=3, val_every_steps=2))
+    summary = train(_cfg(tiny_data, out, epochs=3, val_every_steps=2))
     log = summary["log"]
     epochs = [e for e in log if "step" not in e]
     steps = [e for e in log if "step" in e]
@@ -327,24 +316,24 @@ def test_validation_during_training_logs_and_keeps_the_best(tiny, tmp_path):
     assert bck["global_step"] == best["global_step"] and bck["best"]["value"] == best["value"]
     load_trained(str(out / "best.pt"))  # a full checkpoint
     # validation leaves training untouched: the same weights as a run without it
-    plain = train(_cfg(tiny, tmp_path / "noval", epochs=3, val_split=None))
+    plain = train(_cfg(tiny_data, tmp_path / "noval", epochs=3, val_split=None))
     assert plain["best"] is None and not os.path.exists(tmp_path / "noval" / "best.pt")
     _same_run_state(load_checkpoint(summary["checkpoint"]), load_checkpoint(plain["checkpoint"]))
 
 
 # ------------------------------------------------------------------ evaluate
 @pytest.fixture(scope="module")
-def trained(tiny, tmp_path_factory):
+def trained(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("robust-run")
-    return train(_cfg(tiny, out, epochs=2))["checkpoint"]
+    return train(_cfg(tiny_data, out, epochs=2))["checkpoint"]
 
 
-def test_save_maps_writes_every_file(trained, tmp_path, tiny):
+def test_save_maps_writes_every_file(trained, tmp_path, tiny_data):
     d = tmp_path / "maps"
     specs = {"CAM": MapSpec("cam"), "CREAM": MapSpec("cream"), "CREAM (predicted class)": MapSpec("cream", target="pred")}
     res = evaluate_checkpoint(trained, split="test", specs=specs, progress=False, cam_curve_interval=0.05,
                               save_maps=str(d))
-    ids = open(os.path.join(tiny[1], "test", "image_ids.txt")).read().split()
+    ids = open(os.path.join(tiny_data[1], "test", "image_ids.txt")).read().split()
     folders = {"CAM": "CAM", "CREAM": "CREAM", "CREAM (predicted class)": "CREAM_predicted_class"}
     for name, folder in folders.items():
         for i in ids:

@@ -10,22 +10,12 @@ import torch
 
 cream_kernels = pytest.importorskip("cream_kernels")
 
-from cream_wsol.data import WSOLDataset, make_synthetic  # noqa: E402
+from cream_wsol.data import WSOLDataset  # noqa: E402
 from cream_wsol.evaluate import MapSpec, compute_maps, evaluate, evaluate_checkpoint, time_per_image  # noqa: E402
 from cream_wsol.train import (TrainConfig, learn_embeddings, load_checkpoint, load_trained,  # noqa: E402
                               save_checkpoint, train)
 
-from _tiny import IMAGE, tiny_cfg  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    return make_synthetic(str(root), seed=0, num_classes=3, n_train=24, n_val=6, n_test=9, image_size=IMAGE)
-
-
-def _cfg(data, out, **kw) -> TrainConfig:
-    return tiny_cfg(data, out, **{"seed": 3, **kw})
+from _tiny import IMAGE, tiny_cfg as _cfg  # noqa: E402
 
 
 def _assert_same_state(a: dict, b: dict):
