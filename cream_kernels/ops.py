@@ -220,22 +220,31 @@ def _check_labels(labels, B: int) -> Tensor:
     return labels
 
 
-def _check_label_range(labels: Tensor, num_rows: int, what: str) -> None:
-    """Value check of int64 labels, run inside the op (it reads the data, so it
-    stays out of traced code). On CUDA it costs a device-to-host sync unless
-    CREAM_KERNELS_LABEL_CHECK=device or a CUDA graph is being captured: then a
-    device-side assert guards the kernels instead (no sync, but a failure is
+def _check_label_range(labels: Tensor, *bounds: tuple) -> None:
+    """Value check of int64 labels against each (what, num_rows) of ``bounds``, in
+    order, run inside the op (it reads the data, so it stays out of traced code).
+    The min and max are read once for all bounds: on CUDA one device-to-host sync,
+    unless CREAM_KERNELS_LABEL_CHECK=device or a CUDA graph is being captured: then
+    a device-side assert guards the kernels instead (no sync, but a failure is
     fatal to the CUDA context)."""
-    if labels.numel() == 0:
+    bounds = tuple(b for b in bounds if b is not None)
+    if labels.numel() == 0 or not bounds:
         return
     if labels.is_cuda and (os.environ.get(ENV_LABEL_CHECK, "host") == "device" or torch.cuda.is_current_stream_capturing()):
-        ok = ((labels >= 0) & (labels < num_rows)).all()
-        torch._assert_async(ok, f"cream_kernels: labels must lie in [0, {num_rows}) ({what} has {num_rows} rows)")
+        for what, num_rows in bounds:
+            ok = ((labels >= 0) & (labels < num_rows)).all()
+            torch._assert_async(ok, f"cream_kernels: labels must lie in [0, {num_rows}) ({what} has {num_rows} rows)")
         return
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_rows:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"labels must lie in [0, {num_rows}) ({what} has {num_rows} rows); found {bad}")
+    lo, hi = (int(v) for v in torch.aminmax(labels))
+    for what, num_rows in bounds:
+        if lo < 0 or hi >= num_rows:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"labels must lie in [0, {num_rows}) ({what} has {num_rows} rows); found {bad}")
+
+
+def _rows(what: str, table: Optional[Tensor]):
+    """A (what, num_rows) bound of _check_label_range, or None without a table."""
+    return None if table is None else (what, table.shape[0])
 
 
 # --------------------------------------------------------------------------- #
@@ -266,10 +275,7 @@ def _cam_f32(cam: Optional[Tensor]) -> Optional[Tensor]:
     if cam is None:
         return None
     if cam.dtype == torch.float64:
-        lo = cam.amin(dim=1, keepdim=True)
-        rng = cam.amax(dim=1, keepdim=True) - lo
-        safe = torch.where(rng > 0, rng, torch.ones_like(rng))
-        cam = torch.where(rng > 0, (cam - lo) / safe, torch.zeros_like(cam))
+        cam = _ref.normalized_cam(cam)
     return cam.to(torch.float32).contiguous()
 
 
@@ -375,10 +381,7 @@ def _em_impl(features, cam, classifier_weight, fg_embedding, bg_embedding, label
              cam_threshold, cosine, backend):
     """The op's body (eager calls come here directly, see em_reactivate)."""
     if labels is not None:
-        if fg_embedding is not None:
-            _check_label_range(labels, fg_embedding.shape[0], "fg_embedding")
-        if classifier_weight is not None:
-            _check_label_range(labels, classifier_weight.shape[0], "classifier_weight")
+        _check_label_range(labels, _rows("fg_embedding", fg_embedding), _rows("classifier_weight", classifier_weight))
     args = (features, cam, classifier_weight, fg_embedding, bg_embedding, labels, K, num_iters, sigma, sigma_auto,
             cam_threshold, cosine)
     if backend == "reference":
@@ -420,9 +423,7 @@ def _update_impl(fg, bg, features, labels, cam, classifier_weight, momentum, cam
                     classifier_weight=classifier_weight, labels=labels)
     if _overlaps(fg, bg):
         raise ValueError("fg_embedding and bg_embedding must be different tensors (they share memory)")
-    _check_label_range(labels, fg.shape[0], "fg_embedding")
-    if classifier_weight is not None:
-        _check_label_range(labels, classifier_weight.shape[0], "classifier_weight")
+    _check_label_range(labels, ("fg_embedding", fg.shape[0]), _rows("classifier_weight", classifier_weight))
     if backend == "reference":
         _ref.update_context_embeddings(fg, bg, features, labels, cam, classifier_weight, momentum, cam_threshold)
     else:
@@ -868,9 +869,7 @@ def context_stats(features, labels, *, cam=None, classifier_weight=None, cam_thr
         features, labels, cam, classifier_weight, cam_threshold
     )
     labels = labels.to(torch.int64)
-    _check_label_range(labels, num_classes, "the tables")
-    if classifier_weight is not None:
-        _check_label_range(labels, classifier_weight.shape[0], "classifier_weight")
+    _check_label_range(labels, ("the tables", num_classes), _rows("classifier_weight", classifier_weight))
     name = resolve_backend(backend, features.device, features.dtype)
     features = features.detach()
     if name == "reference":
@@ -886,7 +885,7 @@ def context_apply(fg_embedding, bg_embedding, means, nonempty, labels, *, moment
     labels = _check_labels(labels, means.shape[0]).to(torch.int64)
     _check_no_alias({"fg_embedding": fg_embedding, "bg_embedding": bg_embedding}, means=means, nonempty=nonempty,
                     labels=labels)
-    _check_label_range(labels, fg_embedding.shape[0], "fg_embedding")
+    _check_label_range(labels, ("fg_embedding", fg_embedding.shape[0]))
     name = resolve_backend(backend, means.device, torch.float32)
     if name == "reference":
         _ref.context_apply(fg_embedding, bg_embedding, means, nonempty.to(torch.bool), labels, momentum)

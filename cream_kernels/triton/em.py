@@ -167,7 +167,7 @@ def _cos_normalize(v):
 def _sweep(
     fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
     w2, bias, wc, camrows, orows, zrows, lo, hi, ratio,
-    MODE: tl.constexpr, DO_CAM: tl.constexpr, CAM_STAGED: tl.constexpr, COSINE: tl.constexpr,
+    MODE: tl.constexpr, DO_CAM: tl.constexpr, COSINE: tl.constexpr,
     KB: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, VEC_D: tl.constexpr, VEC_N: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
@@ -201,10 +201,8 @@ def _sweep(
             hi_v = tl.maximum(hi_v, tl.where(rmask, c, float("-inf")))
             tl.store(orows[:, None] + offs_n[None, :], c, mask=rmask)  # staged CAM
         if MODE == 1:  # _STATS
-            if CAM_STAGED:  # staged by an earlier pass (the caller put a barrier between)
-                c = tl.load(orows[:, None] + offs_n[None, :], mask=rmask, other=0.0)
-            else:
-                c = tl.load(camrows[:, None] + offs_n[None, :], mask=rmask, other=0.0)
+            # the given CAM, or (HAS_W) the one an earlier pass staged in OUT: camrows is orows then
+            c = tl.load(camrows[:, None] + offs_n[None, :], mask=rmask, other=0.0)
             u = (((c - lo[:, None]) >= thr[:, None]) & rmask).to(tl.float32)
             ub = tl.where(rmask, 1.0 - u, 0.0)
             s1 += _rows_wsum(f, u, KB)
@@ -362,11 +360,11 @@ def _em_kernel(
         if HAS_W:
             _a, _b, _c, _d, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                             zero_v, zero_k, wc, camrows, orows, zrows, lo, hi, ratio,
-                                            0, True, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+                                            0, True, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
             tl.debug_barrier()  # the staged CAM is read back by other threads
         s1, s2, c_fg, c_bg, _e, _f = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                             zero_v, zero_k, wc, camrows, orows, zrows, lo, hi, ratio,
-                                            1, False, HAS_W, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+                                            1, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
         vf = s1 / tl.maximum(c_fg, 1.0)[:, None]
         vb = s2 / tl.maximum(c_bg, 1.0)[:, None]
     if COSINE:
@@ -382,7 +380,7 @@ def _em_kernel(
     if SIGMA_AUTO:
         _g, _h, _i, _j, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                         vf - vb, zero_k, wc, camrows, orows, zrows, lo, hi, ratio,
-                                        2, HAS_W and HAS_V, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+                                        2, HAS_W and HAS_V, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
         tl.debug_barrier()  # the staged gaps are read by other threads
         inv_sig, sig_used = _auto_inv_sigma(zrows, N, kvalid, KB, BLOCK_P)
     else:
@@ -397,7 +395,7 @@ def _em_kernel(
             w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig)
             s1, s2, mf, mb, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                             w2, _log_ratio(a_fg, a_bg), wc, camrows, orows, zrows, lo, hi, ratio,
-                                            3, True, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+                                            3, True, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
             a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE)
             t0 += 1
     # The remaining E-step + M-step iterations, one pass over F each.
@@ -405,7 +403,7 @@ def _em_kernel(
         w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig)
         s1, s2, mf, mb, _k, _l = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                         w2, _log_ratio(a_fg, a_bg), wc, camrows, orows, zrows, lo, hi, ratio,
-                                        3, False, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+                                        3, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
         a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE)
 
     # Last E-step: logits staged in ZOUT (and the CAM in OUT when T = 1 with W and tables).
@@ -415,15 +413,15 @@ def _em_kernel(
         if T == 1:
             _m, _n, _o, _p, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                             w2, bias, wc, camrows, orows, zrows, lo, hi, ratio,
-                                            4, True, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+                                            4, True, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
         else:
             _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                    w2, bias, wc, camrows, orows, zrows, lo, hi, ratio,
-                   4, False, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+                   4, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
     else:
         _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                w2, bias, wc, camrows, orows, zrows, lo, hi, ratio,
-               4, False, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
+               4, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
     tl.debug_barrier()  # logits (and CAM) were staged by other threads
 
     # Calibration (Eqs. 10-11) over the CAM-foreground pixels, then Eq. 12:
@@ -481,7 +479,7 @@ def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label,
     out, z, fg_out, bg_out, mix, picked, sigma_used = outputs
     B, d, N = f3.shape
     K = int(K)
-    if B == 0 or K == 0:
+    if B == 0:
         return
     has_v = v_fg is not None
     has_w = weight is not None
@@ -498,7 +496,7 @@ def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label,
             v_fg if has_v else dummy, v_bg if has_v else dummy, labels if labels is not None else dummy,
             out, z, fg_out, bg_out, mix, picked, sigma_used,
             K, d, N, int(num_iters), sig, inv, float(ratio),
-            HAS_W=has_w, HAS_V=has_v, V_BY_LABEL=bool(v_by_label) and has_v, SIGMA_AUTO=sigma_auto,
+            HAS_W=has_w, HAS_V=has_v, V_BY_LABEL=bool(v_by_label), SIGMA_AUTO=sigma_auto,
             COSINE=bool(cosine), BLOCK_P=line_block(N), num_stages=1, **cfg,
         )
 

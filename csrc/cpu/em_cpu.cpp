@@ -102,7 +102,7 @@ void em_image(const EMParams& p, int64_t b, std::vector<Acc>& ws) {
   // Temperature per row. sigma = auto (SPEC.md): the population std s of the
   // initial gaps Delta_i = (v_fg - v_bg) . f_i, sigma = s / 2, or no similarity
   // term (inv 0, sigma +inf) when s <= 1e-6 max |Delta|.
-  float* sigma_used = p.sigma_used;  // always given by ops.py; null-tolerant for older C++ callers
+  float* sigma_used = p.sigma_used;  // [B*K], always given (kernels.h)
   std::vector<Acc> div(K, Acc(0));  // auto: w = (v_fg - v_bg) / sigma (division: sigma may be tiny)
   if (p.sigma_auto) {
     for (int64_t r = 0; r < K; ++r)
@@ -125,19 +125,17 @@ void em_image(const EMParams& p, int64_t b, std::vector<Acc>& ws) {
       }
       const Acc s = std::sqrt(var / Acc(N));
       if (s <= Acc(1e-6) * amax) {  // also catches amax = 0; a NaN s is not flat and propagates
-        INV[r] = 0;
         div[r] = 0;
-        if (sigma_used) sigma_used[r0 + r] = std::numeric_limits<float>::infinity();
+        sigma_used[r0 + r] = std::numeric_limits<float>::infinity();
       } else {
         div[r] = s / Acc(2);
-        INV[r] = Acc(1) / div[r];
-        if (sigma_used) sigma_used[r0 + r] = static_cast<float>(div[r]);
+        sigma_used[r0 + r] = static_cast<float>(div[r]);
       }
     }
   } else {
     for (int64_t r = 0; r < K; ++r) {
       INV[r] = Acc(1) / Acc(p.sigma);
-      if (sigma_used) sigma_used[r0 + r] = p.sigma;
+      sigma_used[r0 + r] = p.sigma;
     }
   }
 

@@ -127,8 +127,8 @@ Acc masked_sums(const Image<T>& im, const S* m, Acc lo, Acc thr, Acc* u, Acc* ub
 
 // K weight vectors at once: X[r*N + i] = sum_k W[r*d + k] * f[k, i] for rows
 // r < K and i in [0, N). Each feature row (NCHW) or pixel vector (channels_last)
-// is read once for all K rows and stays in L1 while they use it. For K = 1 the
-// summation order is that of dots().
+// is read once for all K rows and stays in L1 while they use it. NCHW adds four
+// channels at a time, so its rounding differs from dots() in the last bits.
 template <typename T, typename Acc>
 void dots_k(const Image<T>& im, const Acc* W, Acc* X, int64_t K) {
   const int64_t d = im.d, N = im.N;
