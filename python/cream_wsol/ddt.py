@@ -7,7 +7,7 @@ covariance is taken. The projection ``p_i = (f_i - mean) . v`` of an image's
 descriptors is its indicator map: positive projections are the common object. The box
 is that of the largest connected positive region, after upsampling the projection
 (bilinear) to the image frame, through the metrics' own contour code
-(:func:`cream_wsol.metrics.compute_bboxes_from_scoremaps`, single contour).
+(:func:`cream_wsol.metrics.best_box`, single contour).
 
 A principal component has no sign. We orient ``v`` so that the projection correlates
 positively with the descriptor norm ``||f_i||`` over the class's pixels (ReLU features
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .metrics import compute_bboxes_from_scoremaps
+from .metrics import best_box
 
 __all__ = ["DDTStats", "ddt_fit", "ddt_project", "ddt_box", "ddt_pseudo_boxes"]
 
@@ -105,7 +105,7 @@ def ddt_box(projection: np.ndarray, size: int) -> np.ndarray:
     if p.shape != (size, size):
         p = cv2.resize(p, (int(size), int(size)), interpolation=cv2.INTER_LINEAR)
     binary = (p > 0).astype(np.float64)
-    return compute_bboxes_from_scoremaps(binary, [0.5], multi_contour=False)[0][0].copy()
+    return best_box(binary, 0.5).box
 
 
 @torch.no_grad()

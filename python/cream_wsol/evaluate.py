@@ -462,6 +462,8 @@ class MapSaver:
 
     def finish(self, res: Mapping[str, Any], dataset, taus: Optional[Mapping[str, float]], tau_from: str,
                progress: bool = True) -> Dict[str, str]:
+        from .metrics import best_box
+
         from PIL import Image, ImageDraw
         from tqdm.auto import tqdm
 
@@ -481,7 +483,7 @@ class MapSaver:
                 for b in gt if has_boxes else ():
                     draw.rectangle([int(v) for v in b], outline=(255, 0, 0))
                 if has_boxes and name in taus and len(gt):
-                    box, iou = figures._best_box(sm, taus[name], gt)
+                    box, iou = best_box(sm, taus[name], gt)
                     draw.rectangle([int(v) for v in box], outline=(0, 255, 0))
                     rec["maps"][name] = {"box": [int(v) for v in box], "iou": float(iou), "tau": float(taus[name])}
                 path = os.path.join(self.out_dir, "overlays", self.dirs[name], self._rel(it["image_id"], ".png"))

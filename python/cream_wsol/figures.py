@@ -77,12 +77,6 @@ def activation_histograms(histograms: Mapping[str, Any], path: str, names: Seque
     return _save(fig, path, dpi)
 
 
-def _best_box(scoremap: np.ndarray, tau: float, gt_boxes: np.ndarray) -> np.ndarray:
-    from .metrics import best_box
-
-    return tuple(best_box(scoremap, tau, gt_boxes))
-
-
 def _draw_box(ax, box, color, lw=1.5):
     import matplotlib.patches as patches
 
@@ -95,6 +89,8 @@ def map_gallery(examples: Sequence[Mapping[str, Any]], path: str, names: Sequenc
                 taus: Optional[Mapping[str, float]] = None, n: int = 6, class_names: Optional[Sequence[str]] = None,
                 dpi: int = 80) -> str:
     """Fig. 5: one row per image; columns: the image, then each map overlaid on it."""
+    from .metrics import best_box
+
     plt = _plt()
     examples = list(examples)[:n]
     cols = 1 + len(names)
@@ -118,7 +114,7 @@ def map_gallery(examples: Sequence[Mapping[str, Any]], path: str, names: Sequenc
             for b in gt:
                 _draw_box(ax, b, "red")
             if taus and name in taus:
-                box, iou = _best_box(sm, taus[name], gt)
+                box, iou = best_box(sm, taus[name], gt)
                 _draw_box(ax, box, "lime")
                 ax.set_title(f"{name}\nIoU {iou:.2f}", fontsize=6)
             elif r == 0:

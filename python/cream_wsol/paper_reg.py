@@ -32,7 +32,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["run_reg_parts", "report_section", "PARTS", "METHOD_NAMES"]
+__all__ = ["run_reg_parts", "reproduce_sections", "PARTS", "METHOD_NAMES"]
 
 PARTS = ("pseudo", "reg", "methods")
 METHOD_NAMES = ("has", "adl", "cutmix")
@@ -75,7 +75,7 @@ def _run_pseudo(ckpt: str, out: str, curve: float, device: str, progress: bool, 
             "num_images": meta["num_images"], "time_s": meta["time_s"], "ddt_time_s": meta["ddt"]["time_s"]}
 
 
-def _run_reg(ckpt: str, pseudo: Dict[str, Any], out: str, quick: bool, curve: float, device: str,
+def _run_reg(ckpt: str, pseudo: Dict[str, Any], out: str, curve: float, device: str,
              progress: bool, spec=None) -> Dict[str, Any]:
     from .data import WSOLDataset
     from .evaluate import MapSpec, evaluate
@@ -252,7 +252,7 @@ def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: 
         if "reg" in parts:
             say(f"[CREAM_Reg {i + 1}/{len(runs_in)}] box regressor on the pseudo boxes, CREAM_Reg on test")
             t0, c0 = time.time(), time.process_time()
-            r["reg"] = _run_reg(ckpt, r["pseudo"], os.path.join(rdir, "regressor"), quick, curve, device, progress,
+            r["reg"] = _run_reg(ckpt, r["pseudo"], os.path.join(rdir, "regressor"), curve, device, progress,
                                 spec)
             times["reg"] += time.time() - t0
             cpu["reg"] += time.process_time() - c0
@@ -312,35 +312,6 @@ def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: 
     return {"tables": tables, "numbers": numbers, "figures": figures,
             "time_s": {**times, "total": time.time() - t_start},
             "cpu_s": {**cpu, "total": time.process_time() - c_start}, "runs": runs, "notes": notes}
-
-
-def report_section(reg: Mapping[str, Any], out_dir: str) -> str:
-    """The Markdown of :func:`run_reg_parts`' tables, notes, figure and wall times, for report.md
-    (figure paths relative to ``out_dir``)."""
-    T = reg["tables"]
-    lines = ["## CREAM_Reg, pseudo boxes and other WSOL methods (issue 9)", ""]
-    lines += [f"- {n}" for n in reg.get("notes", [])]
-    blurbs = {
-        "Table 2/3 (CREAM_Reg)": "Class from the CAM classifier, box from the class-agnostic regressor trained on "
-                                 "CREAM_Base's pseudo boxes (CREAM_Reg), beside CAM and CREAM_Base, whose boxes come from "
-                                 "their maps (test split).",
-        "Table 5": "The calibrated map alone, added to the CAM (CREAM_Base), and with the regressor.",
-        "Table 6 (pseudo boxes)": "GT-known Loc of the pseudo boxes against the real train boxes: DDT (first "
-                                  "principal component of the class's pooled descriptors, same backbone) vs "
-                                  "CREAM_Base (ground-truth class map at the val tau).",
-        "Fig. 6 (right)": "Each WSOL method trained with the CREAM_Base run's schedule (only the method differs; "
-                          "the context embeddings are learned the same way), scored with its CAM and its CREAM map "
-                          "(test split).",
-    }
-    for name in ("Table 2/3 (CREAM_Reg)", "Table 5", "Table 6 (pseudo boxes)", "Fig. 6 (right)"):
-        if name in T:
-            lines += ["", f"### {name}", "", blurbs[name], "", T[name]]
-    if "fig6_right" in reg.get("figures", {}):
-        lines += ["", f"![Fig. 6 right]({os.path.relpath(reg['figures']['fig6_right'], out_dir)})"]
-    ts, cs = reg.get("time_s", {}), reg.get("cpu_s", {})
-    lines += ["", "Wall time of these parts (process CPU time in brackets): "
-              + ", ".join(f"{k} {v:.0f} s ({cs.get(k, float('nan')):.0f} s)" for k, v in ts.items()) + ".", ""]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------

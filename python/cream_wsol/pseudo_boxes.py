@@ -4,7 +4,7 @@ A trained CREAM_Base model (classifier + context embeddings) is applied to every
 image of a split; the box of an image comes from the map of its ground-truth class
 (training labels are known) at one tau, the val split's MaxBoxAccV2 tau at IoU 50
 (``best_tau@50`` of :class:`~cream_wsol.metrics.BoxEvaluator` on that map type). The
-box is extracted by the metrics' own code (:func:`cream_wsol.metrics.compute_bboxes_from_scoremaps`
+box is extracted by the metrics' own code (:func:`cream_wsol.metrics.best_box`
 on the :func:`~cream_wsol.metrics.normalize_scoremap` map); of the contours at tau the
 largest one gives the box (a regressor needs one box per image; this is the
 single-contour rule of MaxBoxAcc V1).
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .evaluate import MapSpec, compute_maps, evaluate, jsonable
-from .metrics import calculate_multiple_iou, compute_bboxes_from_scoremaps, normalize_scoremap
+from .metrics import best_box, calculate_multiple_iou, normalize_scoremap
 
 __all__ = ["REAL_DATASETS", "default_input_size", "choose_tau", "boxes_from_maps", "write_localization",
            "box_gt_known", "generate_pseudo_boxes", "PSEUDO_META"]
@@ -81,7 +81,7 @@ def boxes_from_maps(model, dataset, spec: MapSpec, tau: float, *, embeddings: Op
         size = int(images.shape[-1])
         for b, image_id in enumerate(ids):
             sm = normalize_scoremap(maps[b], size=size)
-            out[image_id] = compute_bboxes_from_scoremaps(sm, [float(tau)], multi_contour=False)[0][0].copy()
+            out[image_id] = best_box(sm, float(tau)).box  # one box: the largest contour
     return out
 
 

@@ -24,7 +24,7 @@ For every run (regime, backbone, seed), in ``<out>/runs/<regime>-<backbone>-s<se
 4. the choices made on val (similarity + sigma, best T, taus) and reported on test;
 5. time per image for T = 0..4 (Table 7);
 6. the sections of :mod:`cream_wsol.paper_reg` (issue 9: CREAM_Reg, pseudo boxes, other
-   WSOL methods) when that module exists, through ``paper_reg.reproduce_sections``;
+   WSOL methods), through ``paper_reg.reproduce_sections`` (on the runs it lists);
 7. ``run.json``.
 
 Then the runs are aggregated (mean and sample std over the seeds) into ``results.json``,
@@ -34,10 +34,9 @@ The hook for issue 9 (``cream_wsol.paper_reg``)::
 
     reproduce_sections(run: dict) -> dict | None
 
-``run`` holds ``model``, ``embeddings`` (the learned ContextEmbeddings), ``cfg``
-(TrainConfig), ``datasets`` ({"train": training-augmented, "train_eval", "val",
-"test"}), ``run_dir``, ``regime``, ``backbone``, ``seed``, ``quick``, ``progress``,
-``device``, ``cam_curve_interval``, ``cam_threshold``. It returns None to skip this run
+``run`` holds ``cfg`` (the TrainConfig; the trained CREAM_Base checkpoint is in
+``cfg.out_dir``), ``run_dir``, ``regime``, ``backbone``, ``seed``, ``quick``,
+``progress``, ``device``, ``cam_curve_interval``, ``cam_threshold``. It returns None to skip this run
 (e.g. to run only on seed 0 or one regime), or ``{section title: {row: {metric:
 number}}}``; reproduce averages every number over the runs that returned it and writes
 one table per section, plus ``_time_s`` (its cost) if the hook reports it under that key.
@@ -55,6 +54,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from . import paper_reg
 from .evaluate import MapSpec, evaluate, jsonable, time_per_image
 
 __all__ = ["reproduce", "fingerprint", "DATA_FULL", "DATA_QUICK", "LAMBDAS", "COSINE_SIGMAS", "DOT_SIGMAS", "REGIMES",
@@ -330,23 +330,11 @@ def run_one(out_dir: str, regime: str, backbone: str, seed: int, *, quick: bool,
                            device=device)
     stage["timing_s"] = time.time() - t0
 
-    extra = None
-    try:
-        from . import paper_reg  # issue 9; optional until it lands
-    except ImportError:
-        paper_reg = None
-    if paper_reg is not None and hasattr(paper_reg, "reproduce_sections"):
-        t0 = time.time()
-        extra = paper_reg.reproduce_sections(dict(
-            model=model, embeddings=emb, cfg=cfg,
-            datasets={"train": WSOLDataset(cfg.data_root, cfg.metadata_root, "train", train=True,
-                                           image_size=cfg.image_size),
-                      "train_eval": WSOLDataset(cfg.data_root, cfg.metadata_root, "train", train=False,
-                                                image_size=cfg.image_size),
-                      "val": val_ds, "test": test_ds},
-            run_dir=run_dir, regime=regime, backbone=backbone, seed=seed, quick=quick, progress=progress,
-            device=device, cam_curve_interval=curve_interval, cam_threshold=cfg.cam_threshold))
-        stage["paper_reg_s"] = time.time() - t0
+    t0 = time.time()
+    extra = paper_reg.reproduce_sections(dict(
+        cfg=cfg, run_dir=run_dir, regime=regime, backbone=backbone, seed=seed, quick=quick, progress=progress,
+        device=device, cam_curve_interval=curve_interval, cam_threshold=cfg.cam_threshold))
+    stage["paper_reg_s"] = time.time() - t0
 
     rec = {
         "regime": regime, "backbone": backbone, "seed": seed, "config": cfg.to_dict(), "data": dkw,
@@ -719,7 +707,8 @@ def _report(R: Mapping[str, Any]) -> str:
                 for fk, p in paths.items():
                     lines += [f"![{fk}]({p})", ""]
     else:
-        lines += ["Not run: `cream_wsol.paper_reg.reproduce_sections` does not exist in this install.", ""]
+        lines += ["Not run: none of these runs is in `paper_reg.REPRODUCE_RUNS` "
+                  f"({', '.join('-'.join(map(str, r)) for r in paper_reg.REPRODUCE_RUNS)}).", ""]
     lines += ["## Cost", "", R["tables"]["cost"], ""]
     if "real_photos" in fig:
         lines += ["## Real photos: CAM vs CREAM with Lite0's own ImageNet classifier", "",
