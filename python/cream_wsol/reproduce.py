@@ -82,11 +82,13 @@ ITERS = (1, 2, 3, 4)
 CURVE_FULL, CURVE_QUICK = 0.01, 0.1
 FLAT_MARGIN = 2.0  # Table 8: "flat" = a MaxBoxAccV2 range under 2 points (fixed in docs/harness.md)
 # CPU seconds per run (one thread), for the estimate printed up front. Measured on this
-# project's 2-core AMD EPYC VM: a training step of batch 32 costs 0.28 s (small) and
-# 2.2 s (Lite0, 64 x 64, 8 x 8 features); scoring one map on one image costs about 20 ms
-# at tau step 0.01 (24 maps x 240 test + 13 maps x 160 val images per run); the lambda
-# pass, the timing and the data set add about 15-25 s.
-EST_RUN_S = {"small": 67.0 + 157.0 + 15.0, "lite0": 132.0 + 157.0 + 25.0}
+# project's idle 2-core AMD EPYC VM (2026-12-02, the full reproduce in 11.4 min): a run
+# (data, training, the lambda pass, scoring every map on val and test, the timing) costs
+# ~61 s (small) and ~119 s (Lite0, 64 x 64 input, 12 epochs); the issue-9 parts on a run
+# (paper_reg.runs_with_sections) 152 s (small) and about 3x that for Lite0 (its three
+# method trainings and the regressor are Lite0 trainings).
+EST_RUN_S = {"small": 61.0, "lite0": 119.0}
+EST_SECTIONS_S = {"small": 152.0, "lite0": 450.0}
 EST_RUN_S_QUICK = {"small": 2.0, "lite0": 4.0}
 
 SIGMA_AUTO = "auto"
@@ -250,6 +252,12 @@ def run_one(out_dir: str, regime: str, backbone: str, seed: int, *, quick: bool,
     # reproduce scores val itself after training (every map, the choices); validation
     # during training would only cost time here
     cfg = cfg.replace(**over, val_split=None)
+
+    def sections(cfg):  # issue 9's parts on this run, or None (paper_reg.runs_with_sections)
+        return paper_reg.reproduce_sections(dict(
+            cfg=cfg, run_dir=run_dir, regime=regime, backbone=backbone, seed=seed, quick=quick, progress=progress,
+            device=device, cam_curve_interval=curve_interval, cam_threshold=cfg.cam_threshold))
+
     if not retrain and os.path.isfile(run_json) and (keep_examples == 0 or os.path.isfile(fig_file)):
         with open(run_json) as fh:
             prev = json.load(fh)
@@ -259,6 +267,17 @@ def run_one(out_dir: str, regime: str, backbone: str, seed: int, *, quick: bool,
             log(f"  {regime}-{backbone}-s{seed}: finished earlier, reusing {run_json}")
             prev["_figures"] = torch.load(fig_file, weights_only=False) if keep_examples else None
             prev["time_per_image_ms"] = {int(k): v for k, v in prev["time_per_image_ms"].items()}
+            want = paper_reg.runs_with_sections(regime, backbone, seed, quick)
+            if want != (prev.get("paper_reg") is not None):  # the issue-9 scope changed since that run
+                t0 = time.time()
+                prev["paper_reg"] = sections(cfg) if want else None
+                prev["stage_s"]["paper_reg_s"] = time.time() - t0 if want else 0.0
+                with open(run_json + ".tmp", "w") as fh:
+                    json.dump(jsonable({k: v for k, v in prev.items() if k != "_figures"}), fh, indent=1)
+                os.replace(run_json + ".tmp", run_json)
+                prev = dict(json.loads(json.dumps(jsonable({k: v for k, v in prev.items() if k != "_figures"}))),
+                            _figures=prev["_figures"])
+                prev["time_per_image_ms"] = {int(k): v for k, v in prev["time_per_image_ms"].items()}
             prev["reused"] = True
             return prev
     ckpt = os.path.join(cfg.out_dir, CHECKPOINT_NAME)
@@ -331,9 +350,7 @@ def run_one(out_dir: str, regime: str, backbone: str, seed: int, *, quick: bool,
     stage["timing_s"] = time.time() - t0
 
     t0 = time.time()
-    extra = paper_reg.reproduce_sections(dict(
-        cfg=cfg, run_dir=run_dir, regime=regime, backbone=backbone, seed=seed, quick=quick, progress=progress,
-        device=device, cam_curve_interval=curve_interval, cam_threshold=cfg.cam_threshold))
+    extra = sections(cfg)
     stage["paper_reg_s"] = time.time() - t0
 
     rec = {
@@ -697,9 +714,9 @@ def _report(R: Mapping[str, Any]) -> str:
     ]
     reg = [k for k in T if k.startswith("paper_reg: ")]
     if reg:
-        lines += ["Run on the CUB-like regime, small CNN, seed 0 only (`paper_reg.REPRODUCE_RUNS`: these parts "
-                  "cost about three CREAM_Base trainings, so all seeds would not fit the 30-minute budget); "
-                  "n is the number of runs behind each number.", ""]
+        lines += [f"Run on {paper_reg.sections_scope(bool(R['quick']))} (`paper_reg.runs_with_sections`: these "
+                  "parts cost about three CREAM_Base trainings each, so all 12 runs would not fit the 30-minute "
+                  "budget and the cluttered regime is cut); n is the number of runs behind each number.", ""]
         for k in reg:
             lines += [f"### {k[len('paper_reg: '):]}", "", T[k], ""]
         for key, paths in fig.items():
@@ -707,8 +724,8 @@ def _report(R: Mapping[str, Any]) -> str:
                 for fk, p in paths.items():
                     lines += [f"![{fk}]({p})", ""]
     else:
-        lines += ["Not run: none of these runs is in `paper_reg.REPRODUCE_RUNS` "
-                  f"({', '.join('-'.join(map(str, r)) for r in paper_reg.REPRODUCE_RUNS)}).", ""]
+        lines += ["Not run: none of these runs is among those `paper_reg.runs_with_sections` picks "
+                  f"({paper_reg.sections_scope(bool(R['quick']))}).", ""]
     lines += ["## Cost", "", R["tables"]["cost"], ""]
     if "real_photos" in fig:
         lines += ["## Real photos: CAM vs CREAM with Lite0's own ImageNet classifier", "",
@@ -741,8 +758,16 @@ def _cost_table(runs, A, configs) -> str:
 
 
 def estimate_s(regimes, backbones, seeds, quick: bool) -> float:
+    """CPU seconds of the whole plan on one core (the runs and their issue-9 parts)."""
     per = EST_RUN_S_QUICK if quick else EST_RUN_S
-    return float(len(regimes) * len(seeds) * sum(per.get(b, 100.0) for b in backbones))
+    total = 0.0
+    for r in regimes:
+        for b in backbones:
+            for s in seeds:
+                total += per.get(b, 100.0)
+                if not quick and paper_reg.runs_with_sections(r, b, s, quick):
+                    total += EST_SECTIONS_S.get(b, 300.0)
+    return total
 
 
 def reproduce(out_dir: str = "cream_reproduce", *, seeds: Optional[Sequence[int]] = None,
@@ -876,7 +901,9 @@ def _reproduce(out_dir, seeds, regimes, backbones, quick, progress, device, epoc
             "fig1": figures.activation_histograms(figs["histograms"], os.path.join(d, "fig1_histograms.png")),
             "fig6": figures.boxacc_vs_tau(figs["curves"], figs["thresholds"], os.path.join(d, "fig6_boxacc_tau.png")),
         }
-    for r in runs:  # issue 9's figures (Fig. 6 right), from the run(s) that ran those parts
+    for r in runs:  # issue 9's figures (Fig. 6 right), from the first seed of the runs that ran those parts
+        if r["seed"] != seeds[0]:
+            continue
         for fk, p in ((r.get("paper_reg") or {}).get("_figures") or {}).items():
             if p and os.path.isfile(p):
                 fig_paths.setdefault(f"{r['regime']}-{r['backbone']}-issue9", {})[f"{fk} (seed {r['seed']})"] = p

@@ -23,6 +23,13 @@ from cream_wsol.reproduce import fingerprint, reproduce, verdict  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXPECTED = os.path.join(HERE, "data", "reproduce_quick_expected.json")
 ABS_TOL = 1e-6  # metrics are x100 and computed in float64: a one-image change moves them by >= 1e-2
+# PxAP counts pixels, not images: the same torch build on another CPU (the committed file
+# is from an AMD EPYC, AVX2; an Intel Xeon with AVX-512 runs other oneDNN kernels) gives
+# maps that differ in the float32 rounding, which moves a few pixels across a threshold.
+# Seen 2026-12-02: 145 PxAP numbers of 2,000+ moved, by at most 0.0063 points (Lite0 runs
+# mostly); every box metric, class and choice stayed identical. A real change of the
+# method or the data moves PxAP by far more than this.
+PXAP_ABS_TOL = 0.05
 
 
 def test_verdict_rule():
@@ -119,7 +126,8 @@ def _compare(got, want, path=""):
         for i, (g, w) in enumerate(zip(got, want)):
             bad += _compare(g, w, f"{path}[{i}]")
     elif isinstance(want, float):
-        if not math.isclose(got, want, rel_tol=1e-6, abs_tol=ABS_TOL):
+        tol = PXAP_ABS_TOL if path.endswith("/PxAP") else ABS_TOL
+        if not math.isclose(got, want, rel_tol=1e-6, abs_tol=tol):
             bad.append(f"{path}: {got!r} != {want!r}")
     elif got != want:
         bad.append(f"{path}: {got!r} != {want!r}")
