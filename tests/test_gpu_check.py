@@ -33,6 +33,55 @@ def test_cuda_instances_up_to_date():
             assert f"Kind<{ctype}, {vb}, false>" in launch and f"Kind<{ctype}, {vb}, true>" in launch
 
 
+def _setup_module(monkeypatch):
+    """setup.py's functions, without running setup() (setuptools.setup is patched out)."""
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    return _load("cream_setup", ROOT / "setup.py")
+
+
+def _unit_members(path):
+    return [Path(ln.split('"')[1]) for ln in path.read_text().splitlines() if ln.startswith("#include")]
+
+
+@pytest.mark.parametrize("jobs", [1, 2, 3, 4])
+def test_cuda_units_group_every_source_once_balanced(tmp_path, monkeypatch, jobs):
+    st = _setup_module(monkeypatch)
+    monkeypatch.delenv("CREAM_KERNELS_CUDA_UNITS", raising=False)
+    sources = st.cuda_sources()
+    assert len(sources) == 29  # 5 host files + 24 in inst/
+    units = st.cuda_units(sources, jobs, tmp_path)
+    assert len(units) == jobs
+    members = [m for u in units for m in _unit_members(u)]
+    assert sorted(members) == sorted(sources)  # each source in exactly one unit
+    assert all(m.is_absolute() and m.is_file() for m in members)
+    costs = [sum(st._source_cost(m) for m in _unit_members(u)) for u in units]
+    assert max(costs) - min(costs) <= max(st._source_cost(s) for s in sources)  # LPT: within one file
+    if jobs == 2:  # the cluster kernels, the costliest, are split between the two units
+        assert [sum("em_cluster_" in m.name for m in _unit_members(u)) for u in units] == [3, 3]
+
+
+def test_cuda_units_per_file_with_many_jobs_and_env_override(tmp_path, monkeypatch):
+    st = _setup_module(monkeypatch)
+    monkeypatch.delenv("CREAM_KERNELS_CUDA_UNITS", raising=False)
+    sources = st.cuda_sources()
+    assert st.cuda_units(sources, 8, tmp_path) == sources
+    assert st.cuda_units(sources, 64, tmp_path) == sources
+    monkeypatch.setenv("CREAM_KERNELS_CUDA_UNITS", "5")
+    units = st.cuda_units(sources, 16, tmp_path)
+    assert len(units) == 5 and sorted(m for u in units for m in _unit_members(u)) == sorted(sources)
+    mtimes = [u.stat().st_mtime_ns for u in units]
+    assert st.cuda_units(sources, 16, tmp_path) == units
+    assert [u.stat().st_mtime_ns for u in units] == mtimes  # unchanged text: not rewritten (no rebuild)
+    monkeypatch.setenv("CREAM_KERNELS_CUDA_UNITS", "100")
+    assert st.cuda_units(sources, 2, tmp_path) == sources
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv("CREAM_KERNELS_CUDA_UNITS", bad)
+        with pytest.raises(RuntimeError, match="CREAM_KERNELS_CUDA_UNITS"):
+            st.cuda_units(sources, 2, tmp_path)
+
+
 def test_ncu_parser(tmp_path):
     gc = _load("gpu_check", ROOT / "scripts/gpu_check.py")
     log = tmp_path / "ncu.csv"
