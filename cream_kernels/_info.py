@@ -28,7 +28,10 @@ def report() -> str:
             lines.append(f"CUDA build: {_ext._C.cuda_build_info()}")
             lines.append(f"CUDA runtime: {_ext._C.cuda_runtime_info()}")
         else:
-            lines.append("CUDA build: none (no nvcc was found when this was built)")
+            info = _ext.build_info()
+            why = info.split("cuda: not built (", 1)[1].rstrip(")") if "cuda: not built (" in info else \
+                "no nvcc was found when this was built"
+            lines.append(f"CUDA build: none ({why})")
     else:
         lines.append(f"compiled module: missing: {_ext.IMPORT_ERROR}")
     lines.append(f"triton: {_tr.VERSION or _tr.IMPORT_ERROR}" + ("  (TRITON_INTERPRET=1)" if _tr.INTERPRET else ""))

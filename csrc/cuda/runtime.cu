@@ -56,13 +56,19 @@ void ensure_smem(const void* kernel, int device, int64_t bytes, const char* name
 
 std::string cuda_build_info() {
   std::ostringstream os;
-  os << "archs";
+  // __CUDA_ARCH_LIST__ names compute capabilities only (sm_90a and compute_90 PTX both
+  // read 900), so this says which capabilities have device code; the exact targets
+  // (sm_90a vs sm_90, SASS vs PTX) are in the module's build_info, from setup.py.
+  os << "device code for compute capability";
 #if defined(__CUDA_ARCH_LIST__)
   const int archs[] = {__CUDA_ARCH_LIST__};
   const char* sep = " ";
+  int last = -1;
   for (int a : archs) {
-    os << sep << "sm_" << a / 10;
-    sep = ",";
+    if (a == last) continue;
+    os << sep << a / 100 << "." << (a % 100) / 10;
+    sep = ", ";
+    last = a;
   }
 #endif
   os << "; cudart " << CUDART_VERSION / 1000 << "." << (CUDART_VERSION % 1000) / 10 << " (static)";
