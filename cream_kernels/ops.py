@@ -193,14 +193,18 @@ def _check_device(features: Tensor, **others: Optional[Tensor]) -> None:
             raise ValueError(f"{name} is on {t.device} but features are on {features.device}; put all tensors on one device")
 
 
-def _check_cam(cam, features: Tensor) -> Tensor:
+def _check_cam(cam, features: Tensor, k_form: bool = False) -> Tensor:
+    """cam [B, h, w] matching features; with k_form also [B, K, h, w] (em_reactivate)."""
     cam = _need_tensor("cam", cam)
     B, _, h, w = features.shape
-    if cam.dim() != 3:
-        raise ValueError(f"cam must be 3-D [B, h, w] = [{B}, {h}, {w}]; got {_desc(cam)}")
+    want = f"[B, h, w] = [{B}, {h}, {w}]" + (f" or [B, K, h, w] = [{B}, K, {h}, {w}]" if k_form else "")
+    if not k_form and cam.dim() != 3:
+        raise ValueError(f"cam must be 3-D {want}; got {_desc(cam)}")
     _check_float("cam", cam)
-    if tuple(cam.shape) != (B, h, w):
-        raise ValueError(f"cam must have shape [B, h, w] = [{B}, {h}, {w}] to match features {_desc(features)}; got {_desc(cam)}")
+    if cam.dim() not in ((3, 4) if k_form else (3,)) or cam.shape[0] != B or tuple(cam.shape[-2:]) != (h, w):
+        raise ValueError(f"cam must have shape {want} to match features {_desc(features)}; got {_desc(cam)}")
+    if cam.dim() == 4 and cam.shape[1] < 1:
+        raise ValueError(f"cam [B, K, h, w] needs K >= 1; got {_desc(cam)}")
     return cam
 
 
@@ -212,11 +216,15 @@ def _check_label_dtype(labels: Tensor) -> None:
         )
 
 
-def _check_labels(labels, B: int) -> Tensor:
+def _check_labels(labels, B: int, k_form: bool = False) -> Tensor:
+    """Integer labels [B]; with k_form also [B, K] (em_reactivate)."""
     labels = _need_tensor("labels", labels)
     _check_label_dtype(labels)
-    if labels.dim() != 1 or labels.shape[0] != B:
-        raise ValueError(f"labels must have shape [B] = [{B}]; got {_desc(labels)}")
+    if labels.dim() not in ((1, 2) if k_form else (1,)) or labels.shape[0] != B:
+        raise ValueError(f"labels must have shape [B] = [{B}]" + (f" or [B, K] = [{B}, K]" if k_form else "") +
+                         f"; got {_desc(labels)}")
+    if labels.dim() == 2 and labels.shape[1] < 1:
+        raise ValueError(f"labels [B, K] needs K >= 1; got {_desc(labels)}")
     return labels
 
 
@@ -541,28 +549,6 @@ def _(fg_embedding, bg_embedding, features, labels, cam, classifier_weight, mome
 EMResult = _ref.EMResult  # one definition, shared with the oracle
 
 
-def _check_em_labels(labels, B: int) -> Tensor:
-    labels = _need_tensor("labels", labels)
-    _check_label_dtype(labels)
-    if labels.dim() not in (1, 2) or labels.shape[0] != B:
-        raise ValueError(f"labels must have shape [B] = [{B}] or [B, K] = [{B}, K]; got {_desc(labels)}")
-    if labels.dim() == 2 and labels.shape[1] < 1:
-        raise ValueError(f"labels [B, K] needs K >= 1; got {_desc(labels)}")
-    return labels
-
-
-def _check_em_cam(cam, features: Tensor) -> Tensor:
-    cam = _need_tensor("cam", cam)
-    B, _, h, w = features.shape
-    want = f"[B, h, w] = [{B}, {h}, {w}] or [B, K, h, w] = [{B}, K, {h}, {w}]"
-    _check_float("cam", cam)
-    if cam.dim() not in (3, 4) or cam.shape[0] != B or tuple(cam.shape[-2:]) != (h, w):
-        raise ValueError(f"cam must have shape {want} to match features {_desc(features)}; got {_desc(cam)}")
-    if cam.dim() == 4 and cam.shape[1] < 1:
-        raise ValueError(f"cam [B, K, h, w] needs K >= 1; got {_desc(cam)}")
-    return cam
-
-
 def _check_classifier_weight(weight, d: int) -> Tensor:
     weight = _need_tensor("classifier_weight", weight)
     _check_float("classifier_weight", weight)
@@ -692,9 +678,9 @@ def em_reactivate(
     if (cam is None) == (classifier_weight is None):
         raise ValueError("give exactly one of cam ([B, h, w] or [B, K, h, w]) or classifier_weight ([C, d])")
     if labels is not None:
-        labels = _check_em_labels(labels, B)
+        labels = _check_labels(labels, B, k_form=True)
     if cam is not None:
-        cam = _check_em_cam(cam, features)
+        cam = _check_cam(cam, features, k_form=True)
     k_form = (labels is not None and labels.dim() == 2) or (cam is not None and cam.dim() == 4)
     K = labels.shape[1] if labels is not None and labels.dim() == 2 else (cam.shape[1] if cam is not None and cam.dim() == 4 else 1)
     if cam is not None and cam.dim() == 4 and cam.shape[1] != K:
@@ -810,10 +796,7 @@ def _check_stats_inputs(features, labels, cam, classifier_weight, cam_threshold)
     if cam is not None:
         cam = _check_cam(cam, features)
     else:
-        classifier_weight = _need_tensor("classifier_weight", classifier_weight)
-        _check_float("classifier_weight", classifier_weight)
-        if classifier_weight.dim() != 2 or classifier_weight.shape[1] != d:
-            raise ValueError(f"classifier_weight must have shape [C, d] = [C, {d}]; got {_desc(classifier_weight)}")
+        classifier_weight = _check_classifier_weight(classifier_weight, d)
     _check_device(features, labels=labels, cam=cam, classifier_weight=classifier_weight)
     cam_threshold = _check_number("cam_threshold", cam_threshold, 0.0, 1.0)
     return features, labels, cam, classifier_weight, cam_threshold
