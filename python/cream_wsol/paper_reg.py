@@ -79,16 +79,16 @@ def _run_reg(ckpt: str, pseudo: Dict[str, Any], out: str, curve: float, device: 
              progress: bool, spec=None) -> Dict[str, Any]:
     from .data import WSOLDataset
     from .evaluate import MapSpec, evaluate
-    from .regress import REGRESSOR_CHECKPOINT, RegressConfig, evaluate_cream_reg, train_regressor
+    from .regress import REGRESSOR_CHECKPOINT, RegressConfig, evaluate_cream_reg, regressor_lr, train_regressor
     from .train import load_checkpoint, load_trained
 
     model, emb, cfg = load_trained(ckpt, device=device)
     rcfg = RegressConfig(pseudo_root=pseudo["dir"], data_root=cfg.data_root, split="train", arch=cfg.arch,
                          pretrained=cfg.pretrained, large_feature_map=cfg.large_feature_map,
                          image_size=int(pseudo["input_size"]), batch_size=cfg.batch_size,
-                         # regress.REGRESSOR_LR_NOTE: from scratch, a tenth of the lr and no head multiplier
-                         lr=cfg.lr if cfg.pretrained else 0.1 * cfg.lr,
-                         classifier_lr_mult=cfg.classifier_lr_mult if cfg.pretrained else 1.0, weight_decay=cfg.weight_decay,
+                         # regress.REGRESSOR_LR_NOTE: a tenth of the lr and no head multiplier
+                         lr=regressor_lr(cfg.lr)[0], classifier_lr_mult=regressor_lr(cfg.lr)[1],
+                         weight_decay=cfg.weight_decay,
                          epochs=cfg.epochs, lr_step=cfg.lr_step, lr_gamma=cfg.lr_gamma, seed=cfg.seed,
                          out_dir=out, max_steps_per_epoch=cfg.max_steps_per_epoch, progress=progress, device=device,
                          model_kwargs=dict(cfg.model_kwargs))

@@ -27,7 +27,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -35,18 +35,28 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import calculate_multiple_iou
+from .metrics import box_metrics  # noqa: F401  (public here too: CREAM_Reg's metric)
 from .train import ConfigMixin
 
-__all__ = ["RegressConfig", "BoxRegressor", "BoxDataset", "train_regressor", "load_regressor", "predict_boxes", "box_metrics",
+__all__ = ["REGRESSOR_LR_NOTE", "regressor_lr", "RegressConfig", "BoxRegressor", "BoxDataset", "train_regressor", "load_regressor", "predict_boxes", "box_metrics",
            "evaluate_cream_reg", "REGRESSOR_CHECKPOINT"]
 
 REGRESSOR_CHECKPOINT = "regressor.pt"
 REGRESSOR_LR_NOTE = (
-    "A from-scratch regressor trains at a tenth of the classification lr with no head multiplier: on the "
-    "synthetic default's 1200 pseudo boxes, lr 0.02 (head x10 or x1) left the training MSE at or above the "
-    "constant-box baseline (0.038) after 3 epochs (x1: 14.2, 0.33, 0.08), lr 0.002 went below it "
-    "(0.039, 0.022, 0.020). Chosen on the training loss only, before any test number of the regressor.")
+    "The regressor trains at a tenth of the classification lr with no head multiplier, whatever the backbone, "
+    "from a zero-weight head (every backbone starts at the centred box). Chosen on the training loss only, "
+    "before any test number of the regressor: on the synthetic default's pseudo boxes, the small CNN "
+    "(old head init) at lr 0.02 (head x10 or x1) stayed at or above the constant-box baseline (0.038) after 3 "
+    "epochs (x1: 14.2, 0.33, 0.08) and lr 0.002 went below it (0.039, 0.022, 0.020); with the zero head, "
+    "lr 0.002: 0.034, 0.025, 0.023 (12 epochs: 0.018). Lite0 (ImageNet, 640 pseudo boxes, baseline 0.029, "
+    "3 epochs; 2026-12-02): lr 0.01 x10 gave NaN in epoch 1 with either head init, lr 0.01 x1 135, 0.75, "
+    "0.31, lr 0.001 x1 0.027, 0.016, 0.013.")
+
+
+def regressor_lr(lr: float) -> tuple:
+    """(lr, head multiplier) of a regressor whose CREAM_Base classifier trained at ``lr``
+    (REGRESSOR_LR_NOTE)."""
+    return 0.1 * float(lr), 1.0
 
 
 @dataclass
@@ -87,9 +97,7 @@ class RegressConfig(ConfigMixin):
         p = PRESETS[name]
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in p.items() if k in names}
-        if not p.get("pretrained"):  # from scratch: head x1 and a tenth of the classification lr (REGRESSOR_LR_NOTE)
-            kw["classifier_lr_mult"] = 1.0
-            kw["lr"] = 0.1 * float(p.get("lr", 0.001))
+        kw["lr"], kw["classifier_lr_mult"] = regressor_lr(p.get("lr", 0.001))  # REGRESSOR_LR_NOTE
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)
 
@@ -129,7 +137,10 @@ class BoxRegressor(nn.Module):
         self.grid = int(grid)
         self.arch = backbone.arch
         self.head = nn.Linear(backbone.feature_dim * self.grid * self.grid, 4)
-        nn.init.normal_(self.head.weight, 0.0, 0.01)
+        # Zero weights: every backbone starts at exactly the centred box, whatever its feature
+        # scale (normal(0, 0.01) weights over Lite0's 1280 x 16 inputs gave initial outputs of
+        # several units and NaN losses within an epoch at the classification lr; 2026-12-02)
+        nn.init.zeros_(self.head.weight)
         with torch.no_grad():  # start at the centred box of half the side
             self.head.bias.copy_(torch.tensor([0.25, 0.25, 0.75, 0.75]))
 
@@ -308,43 +319,6 @@ def predict_boxes(regressor, dataset, *, batch_size: int = 64, device: str = "cp
         size = int(images.shape[-1])
         for b, image_id in enumerate(ids):
             out[image_id] = _to_pixel_box(pred[b], size)
-    return out
-
-
-def box_metrics(pred_boxes: Sequence, gt_boxes: Sequence, correct_top1: Optional[Sequence[bool]] = None,
-                correct_top5: Optional[Sequence[bool]] = None,
-                iou_thresholds: Sequence[int] = (30, 50, 70)) -> Dict[str, Any]:
-    """Box-level localization metrics (x100) of one predicted box per image.
-
-    ``pred_boxes``: [N, 4]; ``gt_boxes``: N arrays [k_i, 4]; ``correct_top1/5``: N bools.
-    Keys: ``BoxAcc@<delta>``, ``MaxBoxAccV2`` (mean over the deltas), ``GT-known Loc`` (IoU >= 0.5),
-    ``Top-1 Loc`` / ``Top-5 Loc`` (when the flags are given), ``mean IoU``, ``num_images``."""
-    pred = np.asarray(pred_boxes)
-    if pred.ndim != 2 or pred.shape[1] != 4:
-        raise ValueError(f"box_metrics: pred_boxes must be [N, 4]; got shape {pred.shape}")
-    n = pred.shape[0]
-    if n == 0:
-        raise ValueError("box_metrics: no image")
-    if len(gt_boxes) != n:
-        raise ValueError(f"box_metrics: {len(gt_boxes)} ground-truth entries for {n} predicted boxes")
-    ious = np.array([float(calculate_multiple_iou(pred[i:i + 1], gt_boxes[i]).max()) for i in range(n)])
-    out: Dict[str, Any] = {"num_images": n, "mean IoU": 100.0 * float(ious.mean())}
-    accs = []
-    for d in iou_thresholds:
-        if not (0 < int(d) <= 100):
-            raise ValueError(f"box_metrics: iou_thresholds are percentages in (0, 100]; got {d}")
-        out[f"BoxAcc@{int(d)}"] = 100.0 * float((ious >= int(d) / 100).mean())
-        accs.append(out[f"BoxAcc@{int(d)}"])
-    out["MaxBoxAccV2"] = float(np.mean(accs))
-    ok = ious >= 0.5
-    out["GT-known Loc"] = 100.0 * float(ok.mean())
-    for key, flags in (("Top-1 Loc", correct_top1), ("Top-5 Loc", correct_top5)):
-        if flags is not None:
-            f = np.asarray(flags, dtype=bool).reshape(-1)
-            if f.shape[0] != n:
-                raise ValueError(f"box_metrics: {key} flags have {f.shape[0]} entries for {n} images")
-            out[key] = 100.0 * float((ok & f).mean())
-    out["iou"] = ious
     return out
 
 

@@ -265,6 +265,16 @@ def test_regress_preset_lr_rule():
 
     scratch = RegressConfig.from_preset("synthetic")
     assert scratch.lr == pytest.approx(0.1 * PRESETS["synthetic"]["lr"]) and scratch.classifier_lr_mult == 1.0
-    lite0 = RegressConfig.from_preset("cub-efficientnet_lite0")
-    assert lite0.lr == PRESETS["cub-efficientnet_lite0"]["lr"] and lite0.classifier_lr_mult == 10.0
+    lite0 = RegressConfig.from_preset("cub-efficientnet_lite0")  # pretrained: the same rule (REGRESSOR_LR_NOTE)
+    assert lite0.lr == pytest.approx(0.1 * PRESETS["cub-efficientnet_lite0"]["lr"]) and lite0.classifier_lr_mult == 1.0
     assert RegressConfig.from_preset("synthetic", lr=0.5).lr == 0.5  # an explicit value wins
+
+
+def test_regressor_head_starts_at_the_centred_box():
+    from cream_wsol.models import build_model
+    from cream_wsol.regress import BoxRegressor
+
+    torch.manual_seed(0)
+    reg = BoxRegressor(build_model("small", 1))
+    x = torch.randn(3, 3, 64, 64) * 10  # whatever the feature scale
+    assert torch.equal(reg(x), torch.tensor([[0.25, 0.25, 0.75, 0.75]]).expand(3, 4))
