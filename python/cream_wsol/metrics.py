@@ -46,7 +46,7 @@ differ by one. Pass ``dtype=np.float64`` for bit-exact upstream quantization.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -57,6 +57,7 @@ __all__ = [
     "BestBox",
     "compute_bboxes_from_scoremaps",
     "calculate_multiple_iou",
+    "box_metrics",
     "cam_thresholds",
     "BoxEvaluator",
     "MaskEvaluator",
@@ -181,6 +182,43 @@ def calculate_multiple_iou(box_a, box_b) -> np.ndarray:
     ious = inter / np.where(bad, 1, union)
     ious[bad] = 0
     return ious
+
+
+def box_metrics(pred_boxes: Sequence, gt_boxes: Sequence, correct_top1: Optional[Sequence[bool]] = None,
+                correct_top5: Optional[Sequence[bool]] = None,
+                iou_thresholds: Sequence[int] = (30, 50, 70)) -> Dict[str, Any]:
+    """Box-level localization metrics (x100) of one predicted box per image.
+
+    ``pred_boxes``: [N, 4]; ``gt_boxes``: N arrays [k_i, 4]; ``correct_top1/5``: N bools.
+    Keys: ``BoxAcc@<delta>``, ``MaxBoxAccV2`` (mean over the deltas), ``GT-known Loc`` (IoU >= 0.5),
+    ``Top-1 Loc`` / ``Top-5 Loc`` (when the flags are given), ``mean IoU``, ``num_images``."""
+    pred = np.asarray(pred_boxes)
+    if pred.ndim != 2 or pred.shape[1] != 4:
+        raise ValueError(f"box_metrics: pred_boxes must be [N, 4]; got shape {pred.shape}")
+    n = pred.shape[0]
+    if n == 0:
+        raise ValueError("box_metrics: no image")
+    if len(gt_boxes) != n:
+        raise ValueError(f"box_metrics: {len(gt_boxes)} ground-truth entries for {n} predicted boxes")
+    ious = np.array([float(calculate_multiple_iou(pred[i:i + 1], gt_boxes[i]).max()) for i in range(n)])
+    out: Dict[str, Any] = {"num_images": n, "mean IoU": 100.0 * float(ious.mean())}
+    accs = []
+    for d in iou_thresholds:
+        if not (0 < int(d) <= 100):
+            raise ValueError(f"box_metrics: iou_thresholds are percentages in (0, 100]; got {d}")
+        out[f"BoxAcc@{int(d)}"] = 100.0 * float((ious >= int(d) / 100).mean())
+        accs.append(out[f"BoxAcc@{int(d)}"])
+    out["MaxBoxAccV2"] = float(np.mean(accs))
+    ok = ious >= 0.5
+    out["GT-known Loc"] = 100.0 * float(ok.mean())
+    for key, flags in (("Top-1 Loc", correct_top1), ("Top-5 Loc", correct_top5)):
+        if flags is not None:
+            f = np.asarray(flags, dtype=bool).reshape(-1)
+            if f.shape[0] != n:
+                raise ValueError(f"box_metrics: {key} flags have {f.shape[0]} entries for {n} images")
+            out[key] = 100.0 * float((ok & f).mean())
+    out["iou"] = ious
+    return out
 
 
 def _contour_boxes(binary: np.ndarray) -> np.ndarray:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .evaluate import MapSpec, compute_maps, evaluate, jsonable
-from .metrics import best_box, calculate_multiple_iou, normalize_scoremap
+from .metrics import best_box, box_metrics, normalize_scoremap
 
 __all__ = ["REAL_DATASETS", "default_input_size", "choose_tau", "boxes_from_maps", "write_localization",
            "box_gt_known", "generate_pseudo_boxes", "PSEUDO_META"]
@@ -119,12 +119,13 @@ def write_localization(out_root: str, split: str, dataset, boxes: Mapping[str, n
 
 def box_gt_known(boxes: Mapping[str, np.ndarray], dataset, iou: float = 0.5) -> Optional[float]:
     """Share (x100) of images whose box has IoU >= ``iou`` with one of its real boxes
-    (S x S frame, the metrics' +1 pixel IoU); None when the split has no boxes."""
+    (S x S frame, the metrics' +1 pixel IoU, through metrics.box_metrics); None when the
+    split has no boxes."""
     if not dataset.has_boxes:
         return None
-    ok = [float(calculate_multiple_iou(np.asarray(boxes[i]).reshape(1, 4), dataset.gt_boxes(i)).max()) >= iou
-          for i in dataset.image_ids]
-    return 100.0 * float(np.mean(ok))
+    ids = list(dataset.image_ids)
+    m = box_metrics(np.stack([np.asarray(boxes[i]).reshape(4) for i in ids]), [dataset.gt_boxes(i) for i in ids])
+    return 100.0 * float((m["iou"] >= iou).mean())
 
 
 def generate_pseudo_boxes(checkpoint: str, out_dir: str, *, split: str = "train", input_size: Optional[int] = None,
