@@ -977,9 +977,12 @@ def publish(results_dir: str, repo_root: str, wall_time_s: Optional[float] = Non
             f"wall time {wall / 60:.1f} min{' ' + note if note else ''}. Mean ± std over the seeds; x100.")
     readme_body = "\n\n".join([
         head, "**The paper's claims** (D = paired difference per seed on test; holds if mean(D) > std(D), "
-        "does not hold if mean(D) < -std(D), else inconclusive):", T["claims"], "**Table 1** (test):", T["table1"],
-        "Every other table (5, 7, 8, similarity, centroids), the cost per stage and the figures: "
-        "[docs/harness.md](docs/harness.md#results-of-reproduce)."])
+        "does not hold if mean(D) < -std(D), else inconclusive):", T["claims"], "**Table 1** (test):", T["table1"]]
+        + [x for k in T if k.startswith("paper_reg: ")
+           for x in (f"**{k[len('paper_reg: '):]}** (issue 9; {paper_reg.sections_scope(bool(R['quick']))}):",
+                     T[k])]
+        + ["Every other table (5, 7, 8, similarity, centroids), the cost per stage and the figures: "
+           "[docs/harness.md](docs/harness.md#results-of-reproduce)."])
     p = os.path.join(repo_root, "README.md")
     with open(p) as fh:
         text = fh.read()

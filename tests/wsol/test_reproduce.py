@@ -23,9 +23,9 @@ from cream_wsol.reproduce import fingerprint, reproduce, verdict  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXPECTED = os.path.join(HERE, "data", "reproduce_quick_expected.json")
 ABS_TOL = 1e-6  # metrics are x100 and computed in float64: a one-image change moves them by >= 1e-2
-# PxAP counts pixels, not images: the same torch build on another CPU (the committed file
-# is from an AMD EPYC, AVX2; an Intel Xeon with AVX-512 runs other oneDNN kernels) gives
-# maps that differ in the float32 rounding, which moves a few pixels across a threshold.
+# PxAP counts pixels, not images: the same torch build on another CPU model (the committed
+# file came from an AMD EPYC VM; an Intel Xeon VM with AVX-512 runs other oneDNN kernels)
+# gives maps that differ in the float32 rounding, which moves a few pixels across a threshold.
 # Seen 2026-12-02: 145 PxAP numbers of 2,000+ moved, by at most 0.0063 points (Lite0 runs
 # mostly); every box metric, class and choice stayed identical. A real change of the
 # method or the data moves PxAP by far more than this.
@@ -104,6 +104,28 @@ def test_quick_writes_every_table_and_figure(quick_run):
         name = "CREAM" if sel["T"] == 2 else f"T={sel['T']}"
         assert run["metrics_test"]["CREAM (val-selected T)"]["MaxBoxAccV2"] == run["metrics_test"][name]["MaxBoxAccV2"]
         assert set(run["time_per_image_ms"]) == {"0", "1", "2", "3", "4"}
+
+
+def test_publish_writes_readme_docs_and_figures(quick_run, tmp_path):
+    from cream_wsol.reproduce import DOCS_END, DOCS_START, README_END, README_START, publish
+
+    out, res = quick_run
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text(f"# x\n{README_START}\nOLD-BODY\n{README_END}\ntail\n")
+    (tmp_path / "docs" / "harness.md").write_text(f"# h\n{DOCS_START}\nOLD-BODY\n{DOCS_END}\n")
+    publish(out, str(tmp_path), wall_time_s=123.0, note="(test)")
+    readme = (tmp_path / "README.md").read_text()
+    assert "OLD-BODY" not in readme and readme.endswith("tail\n")
+    assert res["tables"]["claims"] in readme and res["tables"]["table1"] in readme
+    assert "wall time 2.0 min (test)" in readme and res["versions"]["torch"] in readme
+    reg = [k for k in res["tables"] if k.startswith("paper_reg: ")]
+    assert reg and all(res["tables"][k] in readme for k in reg)  # issue 9's tables reach the README
+    docs = (tmp_path / "docs" / "harness.md").read_text()
+    assert "OLD-BODY" not in docs and res["tables"]["claims"] in docs
+    pngs = sorted(p.name for p in (tmp_path / "docs" / "img" / "reproduce").glob("*.png"))
+    assert len(pngs) == sum(len(v) for v in res["figures"].values())
+    for name in pngs:  # every figure the docs link to was copied
+        assert f"img/reproduce/{name}" in docs
 
 
 def test_quick_reuses_finished_runs(quick_run, tmp_path):
