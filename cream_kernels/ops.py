@@ -24,7 +24,9 @@ each backend reads the features for them:
     triton     d <= 64: one program runs up to KB of an image's rows from one
                read; larger d: one program per row (the multi-row form spilled
                registers at sm_90), an image's K programs adjacent in the grid
-               so their repeated reads can hit L2 (not yet measured on a GPU)
+               so their repeated reads can hit L2 (not yet measured on a GPU);
+               B*K rows under half the SMs (given CAM, centroids, numeric
+               sigma): each row's pixels split over programs, 2T+1 launches
     cuda       generic kernel: one CTA per row, an image's K CTAs adjacent (the
                same L2 reasoning, not yet measured); see csrc/cuda
 

@@ -67,7 +67,9 @@ def inputs(B, d, hw, dtype, device, seed=0):
 def run_impl(impl, backend, variant, f, cam, v_fg, v_bg):
     import cream_kernels
 
-    if variant is not None:
+    if backend == "triton":  # "nosplit": Triton's one-program-per-row kernel even for small batches
+        os.environ["CREAM_KERNELS_TRITON_SPLIT"] = "0" if variant == "nosplit" else ""
+    elif variant is not None:
         os.environ["CREAM_KERNELS_CUDA_VARIANT"] = variant  # read by the C++ dispatch at every call
     return cream_kernels.em_reactivate(f, cam, v_fg, v_bg, num_iters=NUM_ITERS, backend=backend)
 
@@ -190,12 +192,16 @@ def cmd_timing(args):
     header = ["shape", "B", "dtype", "impl", "us", "GB/s", "%copyBW"]
     log("  ".join(f"{h:>10}" for h in header))
     rows = []
+    if device.type == "cuda":  # Triton's small-batch split path against its one-program kernel
+        impls = dict(impls, **{"triton-nosplit": ("triton", "nosplit")})
     for sname, d, hw in shapes:
         for B in batches:
             for dn, dt in dtypes.items():
                 f, cam, v_fg, v_bg = inputs(B, d, hw, dt, device)
                 nbytes = f.numel() * f.element_size()
                 for impl, (backend, variant) in impls.items():
+                    if variant == "nosplit" and 2 * B > torch.cuda.get_device_properties(device).multi_processor_count:
+                        continue  # B rows fill the GPU: no split to compare against
                     try:
                         us = bench(lambda: run_impl(impl, backend, variant, f, cam, v_fg, v_bg), device,
                                    args.rep_ms)

@@ -130,6 +130,31 @@ def em_case(d, N, dtype, cl, K=1, mode="tab", cosine=False, sigma_auto=False, nu
     return r
 
 
+def split_case(d, N, dtype, cl, last=False, cosine=False):
+    """The small-batch split path's pass kernel (em._split_pass) and, once per d, its
+    reduce kernel, with the blocks em._em_split picks."""
+    f3 = features(d, N, dtype, cl)
+    blocks = feature_blocks(f3, 1)
+    num_warps = blocks.pop("num_warps")
+    P = "*" + DT[dtype]
+    args = dict(F=P, stride_b=f3.stride(0), stride_d=f3.stride(1), stride_n=f3.stride(2), FGOUT="*fp32",
+                BGOUT="*fp32", MIX="*fp32", ZOUT="*fp32", WS="*fp32", WM="*fp32", K=3, d=d, N=N, P=49,
+                tiles_per_chunk=3, inv_sigma=0.125)
+    consts = dict(LAST=last, COSINE=cosine, PREFETCH=f3.element_size() <= em.PREFETCH_MAX_ESIZE, **blocks)
+    r = compile_kernel(em._split_pass, args, consts, num_warps)
+    r.update(kernel="split_pass", d=d, N=N, dtype=DT[dtype], layout="CL" if cl else "NCHW", last=last,
+             cosine=cosine, num_warps=num_warps, BLOCK_N=blocks["BLOCK_N"], VEC=blocks["VEC_D"] * blocks["VEC_N"])
+    return r
+
+
+def split_reduce_case(d):
+    bd = max(16, triton.next_power_of_2(d))
+    args = dict(WS="*fp32", WM="*fp32", FGOUT="*fp32", BGOUT="*fp32", MIX="*fp32", d=d, N=784, P=49, F="*fp32")
+    r = compile_kernel(em._split_reduce, args, dict(COSINE=False, BLOCK_D=bd), 4 if bd < 1024 else 8)
+    r.update(kernel="split_reduce", d=d)
+    return r
+
+
 def context_case(d, N, dtype, cl, has_w=False, fused=True):
     f3 = features(d, N, dtype, cl)
     blocks = feature_blocks(f3)
@@ -162,10 +187,18 @@ def main():
                                              (1, "cam", False, False)):
                         rows.append(em_case(d, N, dtype, cl, K, mode, cos, sa))
                         print(json.dumps(rows[-1]), flush=True)
+                if "split" in a.kernels:
+                    for last, cos in ((False, False), (True, False), (False, True)):
+                        rows.append(split_case(d, N, dtype, cl, last, cos))
+                        print(json.dumps(rows[-1]), flush=True)
                 if "context" in a.kernels:
                     for has_w in (False, True):
                         rows.append(context_case(d, N, dtype, cl, has_w))
                         print(json.dumps(rows[-1]), flush=True)
+    if "split" in a.kernels:
+        for d in sorted({d for d, _ in shapes}):
+            rows.append(split_reduce_case(d))
+            print(json.dumps(rows[-1]), flush=True)
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)
 

@@ -153,6 +153,63 @@ def test_em_layouts_dtypes(cl, dtype, mode):
         check(outs, ref, tol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["tab", "rows"])
+@pytest.mark.parametrize("cl", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("cosine", [False, True], ids=["dot", "cos"])
+def test_em_split_path_vs_reference(monkeypatch, mode, cl, cosine):
+    """Issue 11: small batches split each row's pixels over P programs (pass + reduce
+    launches per iteration). Forced here with CREAM_KERNELS_TRITON_SPLIT; every T and
+    both K forms against the float64 reference, and launch counts that show the split ran."""
+    case = make_case(2, 40, 150, 2, mode, cl=cl, seed=7 + cl + 2 * cosine)  # N=150: a partial last tile
+    blocks = tem.feature_blocks(case["f3"], 1)
+    tiles = -(-150 // blocks["BLOCK_N"])
+    assert tiles >= 3, blocks  # the case really has several chunks to split into
+    sigma = 0.5 if cosine else 8.0
+    calls = []
+    for name in ("_split_pass", "_split_reduce", "_em_kernel"):
+        kern = getattr(tem, name)
+        monkeypatch.setattr(tem, name, _Counting(kern, name, calls))
+    for chunks in (3, 1000):  # 1000: capped at one tile per chunk
+        monkeypatch.setenv(tem.SPLIT_ENV, str(chunks))
+        for T in (1, 2, 3):
+            calls.clear()
+            outs = run_kernel(case, T=T, sigma=sigma, cosine=cosine)
+            assert calls.count("_split_pass") == T and calls.count("_split_reduce") == T - 1, calls
+            assert "_em_kernel" not in calls
+            check(outs, ref_rows(case["f3"], case["cam"], None, case["v_fg"], case["v_bg"], case["labels"],
+                                 case["K"], case["v_by_label"], T, sigma, False, 0.2, cosine), tol=2e-5)
+    # the forms the split path does not cover keep the one-program kernel; "0" never splits
+    for env, kw in (("3", dict(sigma_auto=True)), ("0", {})):
+        monkeypatch.setenv(tem.SPLIT_ENV, env)
+        calls.clear()
+        run_kernel(case, T=2, sigma=sigma, cosine=cosine, **kw)
+        assert calls == ["_em_kernel"]
+    monkeypatch.setenv(tem.SPLIT_ENV, "two")
+    with pytest.raises(ValueError, match=tem.SPLIT_ENV):
+        run_kernel(case, T=2)
+
+
+def test_em_split_default_rule(monkeypatch):
+    monkeypatch.delenv(tem.SPLIT_ENV, raising=False)
+    assert tem.split_chunks(torch.zeros(1, 8, 4096), 1, 16) == 1  # CPU tensors (the interpreter): never
+    if torch.cuda.is_available():
+        f3 = torch.zeros(1, 2048, 784, device="cuda")
+        sms = tem._sm_count(f3.device)
+        assert 1 < tem.split_chunks(f3, 1, 16) <= 49  # batch 1: about one program per SM, whole tiles
+        assert tem.split_chunks(f3, sms, 16) == 1  # enough rows to fill the GPU: the one-program kernel
+
+
+class _Counting:
+    """A launched kernel's stand-in that records its name (kernel[grid](...) calls)."""
+
+    def __init__(self, kern, name, calls):
+        self.kern, self.name, self.calls = kern, name, calls
+
+    def __getitem__(self, grid):
+        self.calls.append(self.name)
+        return self.kern[grid]
+
+
 def test_k_rows_equal_separate_calls():
     """K rows in one launch = K launches of one row each (issue 12)."""
     case = make_case(2, 24, 20, 5, "w_tab", seed=5)

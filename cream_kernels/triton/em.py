@@ -84,13 +84,17 @@ tables, dot, K=1, 16 warps; "load" is the feature tile's per-thread run
   time and the image's second to K-th reads come from L2 rather than HBM
   (the number of HBM passes is to be measured with ncu on a GPU).
 
-Not done (issue 11 section 3): splitting one image over several programs
-when B < #SMs. Batch 1 runs ceil(K/4) programs, i.e. uses one or two SMs of
-132. The design this kernel leaves room for: a grid over (image, pixel chunk)
-whose programs write per-chunk M-step partial sums [P, KB, 2, d] to a
-workspace, reduced in a fixed order by a second launch per EM iteration
-(deterministic, 2T launches), since Triton has no safe grid-wide barrier.
-It is the thing to time against this kernel at B = 1 on a GPU.
+Small batches (issue 11 section 3): with R = B*K rows filling under half of
+the SMs, the inference form (given CAM, learned centroids, numeric sigma)
+runs the split path below instead: each row's pixels in P chunks of whole
+tiles, a pass kernel per EM iteration on a (P, R) grid and a reduce kernel
+that sums the P partial M-step sums in a fixed order (deterministic; 2T + 1
+launches, F still read once per iteration). Batch 1 then spreads over about
+one program per SM instead of one program in all. Verified under the
+interpreter against the reference; its speed against this kernel at B = 1 is
+for a GPU to measure (CREAM_KERNELS_TRITON_SPLIT=0 turns it off, =P forces P
+chunks). The classifier-weight, training-free and sigma = "auto" forms are
+not split (their extra passes would need more launch pairs).
 triton.autotune is not used: under TRITON_INTERPRET=1 it would run every
 config on CPU (slow CI), and the choice above is set by the register budget
 checked with ptxas.
@@ -101,6 +105,7 @@ d-vectors spill registers; SPEC.md's shapes are all d <= 2048.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -304,6 +309,37 @@ def _logit_weight(fgrows, bgrows, vmask, inv_sig):
     return (vf - vb) * inv_sig[:, None]
 
 
+@device_fn
+def _calibrate_out(camrows, zrows, orows, lo, hi, ratio, N, kvalid, KB: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Calibration (Eqs. 10-11) over the CAM-foreground pixels, then Eq. 12, from the
+    last E-step's logits staged in ZOUT: two sweeps over N floats per row (the same
+    thread reads and rewrites each staged element, so the second sweep may overwrite
+    in place). Leaves Z_fg in ZOUT and the map in OUT; returns picked [KB]."""
+    thr = ratio * (hi - lo)
+    cal_f = tl.zeros([KB, BLOCK_P], tl.float32)
+    cal_b = tl.zeros([KB, BLOCK_P], tl.float32)
+    for p0 in range(0, N, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        pm = kvalid[:, None] & (offs < N)[None, :]
+        m = tl.load(camrows[:, None] + offs[None, :], mask=pm, other=0.0)
+        zf, zb = sigmoid_pair(tl.load(zrows[:, None] + offs[None, :], mask=pm, other=0.0))
+        fg = ((m - lo[:, None]) >= thr[:, None]) & pm
+        cal_f += tl.where(fg, zf, 0.0)
+        cal_b += tl.where(fg, zb, 0.0)
+    picked = tl.sum(cal_f, axis=1) >= tl.sum(cal_b, axis=1)  # ties pick Z_fg
+    rng = hi - lo
+    safe = tl.where(rng > 0, rng, 1.0)
+    for p0 in range(0, N, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        pm = kvalid[:, None] & (offs < N)[None, :]
+        m = tl.load(camrows[:, None] + offs[None, :], mask=pm, other=0.0)
+        zf, zb = sigmoid_pair(tl.load(zrows[:, None] + offs[None, :], mask=pm, other=0.0))
+        cn = tl.where(rng[:, None] > 0, (m - lo[:, None]) / safe[:, None], 0.0)
+        tl.store(zrows[:, None] + offs[None, :], zf, mask=pm)
+        tl.store(orows[:, None] + offs[None, :], tl.where(picked[:, None], zf, zb) + cn, mask=pm)
+    return picked
+
+
 @triton.jit
 def _em_kernel(
     F, stride_b, stride_d, stride_n,
@@ -424,36 +460,189 @@ def _em_kernel(
                4, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
     tl.debug_barrier()  # logits (and CAM) were staged by other threads
 
-    # Calibration (Eqs. 10-11) over the CAM-foreground pixels, then Eq. 12:
-    # two sweeps over N floats per row (the same thread reads and rewrites
-    # each staged element, so the second sweep may overwrite in place).
-    thr = ratio * (hi - lo)
-    cal_f = tl.zeros([KB, BLOCK_P], tl.float32)
-    cal_b = tl.zeros([KB, BLOCK_P], tl.float32)
-    for p0 in range(0, N, BLOCK_P):
-        offs = p0 + tl.arange(0, BLOCK_P)
-        pm = kvalid[:, None] & (offs < N)[None, :]
-        m = tl.load(camrows[:, None] + offs[None, :], mask=pm, other=0.0)
-        zf, zb = sigmoid_pair(tl.load(zrows[:, None] + offs[None, :], mask=pm, other=0.0))
-        fg = ((m - lo[:, None]) >= thr[:, None]) & pm
-        cal_f += tl.where(fg, zf, 0.0)
-        cal_b += tl.where(fg, zb, 0.0)
-    picked = tl.sum(cal_f, axis=1) >= tl.sum(cal_b, axis=1)  # ties pick Z_fg
-    rng = hi - lo
-    safe = tl.where(rng > 0, rng, 1.0)
-    for p0 in range(0, N, BLOCK_P):
-        offs = p0 + tl.arange(0, BLOCK_P)
-        pm = kvalid[:, None] & (offs < N)[None, :]
-        m = tl.load(camrows[:, None] + offs[None, :], mask=pm, other=0.0)
-        zf, zb = sigmoid_pair(tl.load(zrows[:, None] + offs[None, :], mask=pm, other=0.0))
-        cn = tl.where(rng[:, None] > 0, (m - lo[:, None]) / safe[:, None], 0.0)
-        tl.store(zrows[:, None] + offs[None, :], zf, mask=pm)
-        tl.store(orows[:, None] + offs[None, :], tl.where(picked[:, None], zf, zb) + cn, mask=pm)
+    picked = _calibrate_out(camrows, zrows, orows, lo, hi, ratio, N, kvalid, KB, BLOCK_P)
 
     tl.store(MIX + 2 * rows, a_fg, mask=kvalid)
     tl.store(MIX + 2 * rows + 1, a_bg, mask=kvalid)
     tl.store(PICKED + rows, picked.to(tl.uint8), mask=kvalid)
     tl.store(SIGMA_USED + rows, sig_used, mask=kvalid)
+
+
+# --------------------------------------------------------------------------------------
+# Split path (issue 11): one EM row over several programs, for small batches
+# --------------------------------------------------------------------------------------
+# With R = B*K rows and R well under the SM count, _em_kernel runs R programs and leaves
+# most of the GPU idle (batch 1: one SM of 132). The split path cuts each row's pixels
+# into P chunks of whole tiles: a pass kernel on a (P, R) grid makes the E-step (and the
+# M-step's partial sums, [R, P, 2, d] + masses [R, P, 2] in a float32 workspace) of one
+# chunk, and a reduce kernel on R programs sums the P partials in a fixed order (so the
+# result is deterministic) and applies the M-step; Triton has no grid-wide barrier, so
+# each EM iteration is two launches: 2T + 1 in all (init, T - 1 x (pass + reduce), the
+# last E-step's pass, the calibration). F is still read once per iteration. It covers
+# the inference form only: given CAM rows, learned centroids (tables or per row) and a
+# numeric sigma; the classifier-weight, training-free and sigma="auto" forms keep
+# _em_kernel. The sums are grouped per chunk, so results differ from _em_kernel's in
+# float32 rounding only (both are checked against the float64 reference).
+
+
+@triton.jit
+def _split_init(VFG, VBG, LABELS, FGOUT, BGOUT, MIX, d,
+                V_BY_LABEL: tl.constexpr, COSINE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row r's initial centroids (normalised in cosine mode) into FGOUT/BGOUT; mix 1/2."""
+    r = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    dm = (offs_d < d)[None, :]
+    if V_BY_LABEL:
+        vr = tl.load(LABELS + r)
+    else:
+        vr = r
+    vf = tl.load(VFG + vr * d + offs_d[None, :], mask=dm, other=0.0)
+    vb = tl.load(VBG + vr * d + offs_d[None, :], mask=dm, other=0.0)
+    if COSINE:
+        vf = _cos_normalize(vf)
+        vb = _cos_normalize(vb)
+    tl.store(FGOUT + r * d + offs_d[None, :], vf, mask=dm)
+    tl.store(BGOUT + r * d + offs_d[None, :], vb, mask=dm)
+    tl.store(MIX + 2 * r, 0.5)
+    tl.store(MIX + 2 * r + 1, 0.5)
+
+
+@triton.jit
+def _split_pass(
+    F, stride_b, stride_d, stride_n, FGOUT, BGOUT, MIX, ZOUT, WS, WM,
+    K, d, N, P, tiles_per_chunk, inv_sigma,
+    LAST: tl.constexpr, COSINE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, VEC_D: tl.constexpr, VEC_N: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """Chunk p of row r: the E-step of its pixels with the current centroids and mix;
+    LAST: the logits into ZOUT, else the partial M-step sums into WS / WM [r, p]."""
+    p = tl.program_id(0).to(tl.int64)
+    r = tl.program_id(1).to(tl.int64)
+    b = r // K
+    start = p * tiles_per_chunk * BLOCK_N  # a multiple of BLOCK_N: the loads stay aligned
+    n_loc = tl.minimum(N - start, tiles_per_chunk * BLOCK_N)
+    fb = image_base(F, b, stride_b, VEC_D * VEC_N) + start * ((stride_n // VEC_D) * VEC_D)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = channel_mask(offs_d, d, VEC_D)
+    kvalid = tl.full([1], 1, tl.int1)
+    vmask = dmask[None, :]
+    fgrows = FGOUT + r * d + offs_d[None, :]
+    bgrows = BGOUT + r * d + offs_d[None, :]
+    a_fg = tl.load(MIX + 2 * r + tl.zeros([1], tl.int64))
+    a_bg = tl.load(MIX + 2 * r + 1 + tl.zeros([1], tl.int64))
+    w2 = (tl.load(fgrows, mask=vmask, other=0.0) - tl.load(bgrows, mask=vmask, other=0.0)) * inv_sigma
+    bias = _log_ratio(a_fg, a_bg)
+    zrows = ZOUT + r * N + start + tl.zeros([1], tl.int64)
+    zero_v = tl.zeros([1, BLOCK_D], tl.float32)
+    zero_k = tl.zeros([1], tl.float32)
+    s1, s2, mf, mb, _lo, _hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, n_loc, kvalid,
+                                      w2, bias, zero_v, zrows, zrows, zrows, zero_k, zero_k, 0.0,
+                                      4 if LAST else 3, False, COSINE, 1, BLOCK_D, BLOCK_N, VEC_D, VEC_N,
+                                      PREFETCH)
+    if not LAST:
+        base = (r * P + p) * 2
+        tl.store(WS + base * d + offs_d[None, :], s1, mask=vmask)
+        tl.store(WS + (base + 1) * d + offs_d[None, :], s2, mask=vmask)
+        tl.store(WM + base + tl.zeros([1], tl.int64), mf)
+        tl.store(WM + base + 1 + tl.zeros([1], tl.int64), mb)
+
+
+@triton.jit
+def _split_reduce(WS, WM, FGOUT, BGOUT, MIX, d, N, P, COSINE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row r's M-step (Eq. 9) from its P chunks' partial sums, summed in chunk order."""
+    r = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    vmask = (offs_d < d)[None, :]
+    kvalid = tl.full([1], 1, tl.int1)
+    s1 = tl.zeros([1, BLOCK_D], tl.float32)
+    s2 = tl.zeros([1, BLOCK_D], tl.float32)
+    mf = tl.zeros([1], tl.float32)
+    mb = tl.zeros([1], tl.float32)
+    for p in range(0, P):
+        base = (r * P + p) * 2
+        s1 += tl.load(WS + base * d + offs_d[None, :], mask=vmask, other=0.0)
+        s2 += tl.load(WS + (base + 1) * d + offs_d[None, :], mask=vmask, other=0.0)
+        mf += tl.load(WM + base + tl.zeros([1], tl.int64))
+        mb += tl.load(WM + base + 1 + tl.zeros([1], tl.int64))
+    fgrows = FGOUT + r * d + offs_d[None, :]
+    bgrows = BGOUT + r * d + offs_d[None, :]
+    a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE)
+    tl.store(MIX + 2 * r + tl.zeros([1], tl.int64), a_fg)
+    tl.store(MIX + 2 * r + 1 + tl.zeros([1], tl.int64), a_bg)
+
+
+@triton.jit
+def _split_finish(CAM, ZOUT, OUT, PICKED, SIGMA_USED, N, sigma, ratio, BLOCK_P: tl.constexpr):
+    """Row r's CAM statistics, calibration and Eq. 12 from the staged logits."""
+    r = tl.program_id(0).to(tl.int64)
+    kvalid = tl.full([1], 1, tl.int1)
+    rows = r + tl.zeros([1], tl.int64)
+    camrows = CAM + rows * N
+    lo, hi = _rows_min_max(camrows, N, kvalid, 1, BLOCK_P)
+    picked = _calibrate_out(camrows, ZOUT + rows * N, OUT + rows * N, lo, hi, ratio, N, kvalid, 1, BLOCK_P)
+    tl.store(PICKED + rows, picked.to(tl.uint8))
+    tl.store(SIGMA_USED + rows, tl.zeros([1], tl.float32) + sigma)
+
+
+SPLIT_ENV = "CREAM_KERNELS_TRITON_SPLIT"  # "0": never split; N >= 1: N chunks per row whenever it applies
+_SM_COUNT = {}
+
+
+def _sm_count(device) -> int:
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = int(torch.cuda.get_device_properties(device).multi_processor_count)
+    return _SM_COUNT[device]
+
+
+def split_chunks(f3, R: int, block_n: int, device=None) -> int:
+    """How many pixel chunks the split path cuts each of R rows into (1 = no split).
+
+    CREAM_KERNELS_TRITON_SPLIT=0 never splits, =P asks for P chunks (capped by the
+    tiles a row has; how the tests run it on CPU). Default: on a GPU, when the R rows
+    would fill under half of the SMs, enough chunks of whole tiles to give every SM about
+    one program; on CPU (the interpreter), never."""
+    tiles = triton.cdiv(int(f3.shape[2]), int(block_n))
+    env = os.environ.get(SPLIT_ENV, "").strip()
+    if env:
+        if not env.isdigit():
+            raise ValueError(f"{SPLIT_ENV}={env!r}: expected 0 (never) or a number of chunks per row")
+        want = int(env)
+        return max(1, min(want, tiles)) if want > 0 else 1
+    if not f3.is_cuda:
+        return 1
+    sms = _sm_count(f3.device if device is None else device)
+    if 2 * R > sms or tiles < 2:
+        return 1
+    return max(1, min(tiles, sms // max(R, 1)))
+
+
+def _em_split(f3, cam, v_fg, v_bg, labels, K, v_by_label, num_iters, sigma, ratio, cosine, outputs, chunks):
+    out, z, fg_out, bg_out, mix, picked, sigma_used = outputs
+    B, d, N = f3.shape
+    R = B * K
+    blocks = feature_blocks(f3, 1)
+    bn = blocks["BLOCK_N"]
+    tiles = triton.cdiv(N, bn)
+    tpc = triton.cdiv(tiles, chunks)
+    P = triton.cdiv(tiles, tpc)  # every chunk non-empty
+    ws = torch.empty((R, P, 2, d), dtype=torch.float32, device=f3.device)
+    wm = torch.empty((R, P, 2), dtype=torch.float32, device=f3.device)
+    prefetch = f3.element_size() <= PREFETCH_MAX_ESIZE
+    inv = 1.0 / float(sigma)
+    lab = labels if labels is not None else out
+    _split_init[(R,)](v_fg, v_bg, lab, fg_out, bg_out, mix, d, V_BY_LABEL=bool(v_by_label), COSINE=bool(cosine),
+                      BLOCK_D=blocks["BLOCK_D"], num_warps=4)
+    for t in range(int(num_iters)):
+        last = t == int(num_iters) - 1
+        _split_pass[(P, R)](f3, f3.stride(0), f3.stride(1), f3.stride(2), fg_out, bg_out, mix, z, ws, wm,
+                            K, d, N, P, tpc, inv, LAST=last, COSINE=bool(cosine), PREFETCH=prefetch,
+                            num_stages=1, **blocks)
+        if not last:
+            _split_reduce[(R,)](ws, wm, fg_out, bg_out, mix, d, N, P, COSINE=bool(cosine),
+                                BLOCK_D=blocks["BLOCK_D"], num_warps=4 if blocks["BLOCK_D"] < 1024 else 8)
+    _split_finish[(R,)](cam, z, out, picked, sigma_used, N, float(sigma), float(ratio), BLOCK_P=line_block(N),
+                        num_warps=4)
 
 
 def launch_config(f3, K: int) -> dict:
@@ -486,6 +675,16 @@ def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label,
     sigma_auto = bool(sigma_auto)
     sig = math.inf if sigma_auto else float(sigma)
     inv = 0.0 if sigma_auto else 1.0 / sig
+    if has_v and not has_w and not sigma_auto and cam is not None:
+        b1 = feature_blocks(f3, 1)
+        # chunks start at multiples of BLOCK_N: with a tile narrower than one vector
+        # (NCHW, VEC_N > BLOCK_N) a chunk's loads would not stay whole vectors
+        chunks = split_chunks(f3, B * K, b1["BLOCK_N"]) if b1["BLOCK_N"] % b1["VEC_N"] == 0 else 1
+        if chunks > 1:
+            with _device_of(f3):
+                _em_split(f3, cam, v_fg, v_bg, labels, K, v_by_label, num_iters, sigma, ratio, cosine, outputs,
+                          chunks)
+            return
     cfg = launch_config(f3, K)
     groups = cfg.pop("groups")
     dummy = out  # stands in for absent pointers; never read (constexpr-guarded)
