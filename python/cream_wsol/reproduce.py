@@ -43,6 +43,7 @@ one table per section, plus ``_time_s`` (its cost) if the hook reports it under 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -809,6 +810,8 @@ def reproduce(out_dir: str = "cream_reproduce", *, seeds: Optional[Sequence[int]
         raise ValueError(f"jobs must be >= 1; got {jobs}")
     jobs = int(jobs)
 
+    if log is print:  # progress lines appear as they happen when stdout is a file or a pipe
+        log = functools.partial(print, flush=True)
     threads_before = torch.get_num_threads()
     if quick:
         torch.set_num_threads(1)
@@ -876,7 +879,7 @@ def _reproduce(out_dir, seeds, regimes, backbones, quick, progress, device, epoc
             # the data sets first (two runs must not write the same one at once)
             list(ex.map(_make_data, data_jobs, [dkw] * len(data_jobs)))
             futs = {ex.submit(run_one, out_dir, *key, progress=False,
-                              keep_examples=n_keep if key[2] == seeds[0] else 0, log=print, **kw): key
+                              keep_examples=n_keep if key[2] == seeds[0] else 0, log=functools.partial(print, flush=True), **kw): key
                     for key in plan}
             t0 = time.time()
             for f in cf.as_completed(futs):
