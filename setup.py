@@ -11,9 +11,9 @@ Environment:
                                 building it costs a third more ptxas time.)
   CUDA_HOME / CUDA_PATH         where to look for bin/nvcc before PATH
   MAX_JOBS                      ninja's parallelism (default: the cores this process may use)
-  CREAM_KERNELS_CUDA_UNITS      how many translation units the CUDA sources are compiled as;
-                                default: one per file (29) with 8 or more jobs, else one per
-                                job (the files grouped, balanced by cost: see cuda_units)
+  CREAM_KERNELS_CUDA_UNITS      file | kind: the CUDA sources compiled one per file (29 units,
+                                the default with 5 or more jobs) or one unit per kernel kind
+                                (5 units, the default with up to 4 jobs); see cuda_units
 The module does not link against torch (see csrc/bindings.cpp), so torch is not
 needed to build it.
 """
@@ -30,32 +30,28 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 
-# Build time of the CUDA part (issue 11). Measured on the project's 2-core machine
-# while 8 other sessions loaded it (loadavg from 0.9 up to ~460), so wall times are
-# inflated up to 10x; CPU times (user + sys) are the comparable figures.
-#  before (5 .cu files: em_generic.cu 16 kernels, em_cluster.cu 16, context.cu 33;
-#  archs 80;90a;90+PTX):
-#    whole build, MAX_JOBS=2, default archs: 55 min 48 s wall, 811 CPU-s (13.5 min)
-#    longest file at sm_90a alone (em_cluster.cu, 16 kernels): 219 CPU-s
-#      (215.2 user + 4.0 sys; 1826 s wall at loadavg ~260-560)
-#  after (5 host files + 24 in inst/, one per kernel x dtype x layout; archs
-#  80;90a;compute_90, i.e. without the sm_90 cubin that duplicated sm_90a):
-#    longest file at sm_90a alone (inst/em_cluster_bf16_nchw.cu, 3 cluster kernels,
-#    the costliest kind):
-#      51 CPU-s (49.0 user + 2.0 sys; 787 s wall at loadavg ~260-360)
-#    one cluster kernel alone at sm_90a (the 64-file layout tried first): 23 CPU-s (21.6 user + 1.5 sys; 253 s wall);
-#    a host-only file (em_cluster.cu) at sm_90a: 12.5 CPU-s
-#    whole build, MAX_JOBS=2, default archs: 66 min 21 s wall, 1106 CPU-s (18.4 min;
-#      1028 user + 77 sys; loadavg 17.6 at start, 4.0 at end, up to ~560 between).
-#      So the split costs ~36% more CPU in all (a fixed ~9-12 CPU-s of preprocessing,
-#      cudafe++ and host g++ per file) while the longest file drops 219 -> 51 CPU-s:
-#      faster with many cores, but NOT yet "no slower" on 2 cores (fewer, larger
-#      groups, or lighter includes in inst/ files, would trade some of that back).
-#    kernel resource usage (cuobjdump --dump-resource-usage): identical to before for
-#      all 130 (arch, kernel) pairs (65 kernels at sm_80 and sm_90a)
-#  Not measured (no time under that load): the sm_90a-only whole builds.
+# Build time of the CUDA part (issue 11).
+#  Measured 2026-12-02 on an idle 2-core Intel Xeon VM (load ~2), nvcc 13.0, MAX_JOBS=2,
+#  default archs (80;90a;compute_90), `python setup.py build_ext` into fresh object dirs:
+#    9d49090 (the 5-file layout, smaller kernels, archs 80;90a;90+PTX):
+#                                               104 s wall, 204 CPU-s (longest file 84 s)
+#    today's kernels, 29 units (one per file):  156 s wall, 307 CPU-s (longest 18.5 s;
+#                                               at sm_90a alone 11.1 CPU-s)
+#    today's kernels, 5 units by kind (default on <= 4 jobs):
+#                                               113 s wall, 204 CPU-s (longest 69 s)
+#    a balanced 2-unit grouping (tried, dropped): 145 s wall, 267 CPU-s: it compiled 64
+#      kernels twice (see cuda_units)
+#  The per-file layout costs ~4 s of front end per unit (a host-only file takes 4.3-5.6 s),
+#  so on 2 cores the kind layout is 28 % faster than per-file; the kernels themselves grew
+#  since 9d49090 (issue 12's K rows, classifier weight, sigma="auto"; issue 11's cluster
+#  st.async), which the kind layout of the old code (104 s) does not carry. On 16 cores the
+#  per-file layout is bounded by its longest unit (~19 s of CPU) instead of 69 s.
+#  cuobjdump --dump-resource-usage: the same 65 kernels x (sm_80, sm_90a) with identical
+#  registers/stack/shared memory in the per-file and the kind builds.
+#  (Earlier figures, 811 / 1106 CPU-s, were measured at load averages of 260-560, which
+#  inflated CPU time several times over.)
 DEFAULT_ARCHS = "80;90a;compute_90"
-BUILD_COST = "about 18 CPU-minutes in all, spread over MAX_JOBS cores"
+BUILD_COST = "about 3.5 CPU-minutes in all (2 minutes on 2 cores)"
 
 
 def find_nvcc():
@@ -149,49 +145,74 @@ def build_jobs():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-# Relative cost of one kernel instance by kind (CPU-s at sm_90a, see the measurements
-# above), for balancing the groups; a host-only file counts as KIND_COST["host"].
-KIND_COST = {"em_cluster": 13.0, "em_generic": 8.0, "ctx_update": 6.0, "ctx_stats": 5.0, "host": 4.0}
-FILE_COST = 12.0  # the fixed per-translation-unit cost (preprocessing, cudafe++, host g++)
-
-
-def _source_cost(src):
-    if src.parent.name != "inst":
-        return KIND_COST["host"]
-    kind = next((k for k in KIND_COST if src.name.startswith(k + "_")), "em_generic")
-    return KIND_COST[kind] * max(1, src.read_text().count("CK_INSTANTIATE("))
+# The host file that launches each kernel kind (it calls that kind's *_kernel_ptr<...>).
+KIND_HOST = {"em_cluster": "em_cluster.cu", "em_generic": "em_generic.cu", "ctx_stats": "context.cu",
+             "ctx_update": "context.cu"}
 
 
 def cuda_units(sources, jobs, out_dir):
-    """The CUDA translation units to compile: the files themselves when there are
-    cores for them (>= 8 jobs: the longest unit is then one file), else `units`
-    groups (CREAM_KERNELS_CUDA_UNITS, default one per job), each a generated file
-    in out_dir that #includes its share of the sources, balanced by _source_cost.
-    Every unit carries a fixed FILE_COST of front-end work, so on 2 cores 29 units
-    cost ~36% more CPU than 2 (setup.py's measurements above)."""
-    env = os.environ.get("CREAM_KERNELS_CUDA_UNITS", "").strip()
-    if env:
-        if not env.isdigit() or int(env) < 1:
-            raise RuntimeError(f"CREAM_KERNELS_CUDA_UNITS={env!r}: expected a positive integer")
-        units = int(env)
-    else:
-        units = len(sources) if jobs >= 8 else jobs
-    if units >= len(sources):
+    """The CUDA translation units to compile.
+
+    "file" (default with 5 or more jobs): every source is its own unit (29; the longest
+    takes ~19 s on one core). "kind" (default with up to 4 jobs, so a 2-core build does
+    not pay the per-file front-end cost 29 times): one unit per kernel kind, i.e. the host
+    file that launches it plus all its instance files, the layout before the split
+    (em_cluster, em_generic, context; em.cu and runtime.cu alone). CREAM_KERNELS_CUDA_UNITS
+    = file | kind overrides. A host file shares a unit with all of its kind's instances or
+    with none: it calls the *_kernel_ptr<...> templates, and where their definitions
+    (kernels.cuh) are visible it instantiates them itself, so a unit holding a host file
+    and only some of its kind's instances compiles the others a second time (a balanced
+    2-unit grouping tried first did: 64 duplicate kernels, +30 % CPU)."""
+    env = os.environ.get("CREAM_KERNELS_CUDA_UNITS", "").strip().lower()
+    if env not in ("", "file", "kind"):
+        raise RuntimeError(f"CREAM_KERNELS_CUDA_UNITS={env!r}: expected 'file' or 'kind'")
+    mode = env or ("kind" if jobs <= 4 else "file")
+    if mode == "file":
         return list(sources)
-    groups = [[0.0, []] for _ in range(units)]
-    for src in sorted(sources, key=lambda s: (-_source_cost(s), s.name)):  # longest first, to the lightest group
-        g = min(groups, key=lambda g: g[0])
-        g[0] += _source_cost(src)
-        g[1].append(src)
+    groups = {}
+    for src in sources:
+        if src.parent.name == "inst":
+            kind = next((k for k in KIND_HOST if src.name.startswith(k + "_")), None)
+            if kind is None:
+                raise RuntimeError(f"{src.name}: no kernel kind in setup.py's KIND_HOST matches it")
+            groups.setdefault(KIND_HOST[kind], []).append(src)
+        else:
+            groups.setdefault(src.name, []).insert(0, src)
     out = []
-    for i, (_, members) in enumerate(groups):
-        text = "// Generated by setup.py (cuda_units): one translation unit for several sources.\n" + "".join(
-            f'#include "{m.as_posix()}"\n' for m in sorted(members))
-        path = out_dir / f"cuda_unit_{i + 1}_of_{units}.cu"
+    for host, members in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):  # long units first
+        if len(members) == 1:
+            out.append(members[0])
+            continue
+        text = "// Generated by setup.py (cuda_units): one translation unit for a kernel kind.\n" + "".join(
+            f'#include "{m.as_posix()}"\n' for m in members)
+        path = out_dir / f"cuda_unit_{Path(host).stem}.cu"
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)  # rewritten only on change: no needless rebuild
         out.append(path)
     return out
+
+
+BUILD_COMMIT_FILE = "_build_commit.json"  # read by cream_wsol.reproduce when the package is not in a checkout
+
+
+def write_build_commit(path):
+    """The source tree's git commit and whether tracked files differ from it, next to the
+    module, so a non-editable install can still say what it was built from."""
+    import json
+
+    info = {"commit": None, "dirty": None}
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode == 0:
+            st = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+            info = {"commit": head.stdout.strip(), "dirty": bool(st.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    text = json.dumps(info) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 class NinjaBuildExt(build_ext):
@@ -202,6 +223,7 @@ class NinjaBuildExt(build_ext):
 
         out = Path(self.get_ext_fullpath(ext.name)).resolve()
         out.parent.mkdir(parents=True, exist_ok=True)
+        write_build_commit(out.parent / BUILD_COMMIT_FILE)
         tmp = object_dir(Path(self.build_temp).resolve() / "cream_kernels")
 
         nvcc, how = find_nvcc()
@@ -283,7 +305,7 @@ class NinjaBuildExt(build_ext):
         if nvcc:
             default = "default" if "CREAM_KERNELS_CUDA_ARCHS" not in os.environ else "from CREAM_KERNELS_CUDA_ARCHS"
             line = (f"nvcc found at {nvcc} ({how}); compiling CUDA for {describe_archs(archs)} ({default}; "
-                    f"{len(cu_files)} files in {len(cu_sources)} units for {jobs} jobs, {BUILD_COST}; set CREAM_KERNELS_CUDA_ARCHS to change, "
+                    f"{len(cu_files)} files as {len(cu_sources)} units for {jobs} jobs, {BUILD_COST}; set CREAM_KERNELS_CUDA_ARCHS to change, "
                     "CREAM_KERNELS_CUDA=0 to skip)")
         else:
             line = f"building the CPU backend only ({how}; set CREAM_KERNELS_CUDA=1 to require CUDA)"
