@@ -48,6 +48,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -82,14 +83,14 @@ DOT_SIGMAS = (2.0, 8.0, 32.0, 128.0)
 ITERS = (1, 2, 3, 4)
 CURVE_FULL, CURVE_QUICK = 0.01, 0.1
 FLAT_MARGIN = 2.0  # Table 8: "flat" = a MaxBoxAccV2 range under 2 points (fixed in docs/harness.md)
-# CPU seconds per run (one thread), for the estimate printed up front. Measured on this
-# project's idle 2-core AMD EPYC VM (2026-12-02, the full reproduce in 11.4 min): a run
-# (data, training, the lambda pass, scoring every map on val and test, the timing) costs
-# ~61 s (small) and ~119 s (Lite0, 64 x 64 input, 12 epochs); the issue-9 parts on a run
-# (paper_reg.runs_with_sections) 152 s (small) and about 3x that for Lite0 (its three
-# method trainings and the regressor are Lite0 trainings).
-EST_RUN_S = {"small": 61.0, "lite0": 119.0}
-EST_SECTIONS_S = {"small": 152.0, "lite0": 450.0}
+# CPU seconds per run (one thread), for the estimate printed up front. Measured on the
+# project's idle 2-core VMs (2026-12-02; the full reproduce took 21.9 min with --jobs 2,
+# 2577 CPU-s): a run (data, training, the lambda pass, scoring every map on val and test,
+# the timing) costs ~58-61 s (small) and ~115-119 s (Lite0, 64 x 64 input, 3 epochs);
+# the issue-9 parts on a run (paper_reg.runs_with_sections) 144 s (small) and 361 s
+# (Lite0: its three method trainings and the regressor are Lite0 trainings).
+EST_RUN_S = {"small": 60.0, "lite0": 117.0}
+EST_SECTIONS_S = {"small": 144.0, "lite0": 361.0}
 EST_RUN_S_QUICK = {"small": 2.0, "lite0": 4.0}
 
 SIGMA_AUTO = "auto"
@@ -167,17 +168,27 @@ def _t_name(t: int) -> str:
 def _git_commit() -> Dict[str, Any]:
     import cream_kernels
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(cream_kernels.__file__)))
+    pkg = os.path.dirname(os.path.abspath(cream_kernels.__file__))
+    root = os.path.dirname(pkg)
+
+    def recorded():  # a non-editable install: what setup.py recorded when it built the module
+        try:
+            with open(os.path.join(pkg, "_build_commit.json")) as fh:
+                info = json.load(fh)
+            return {"commit": info.get("commit"), "dirty": info.get("dirty"), "source": "recorded at build"}
+        except (OSError, ValueError):
+            return {"commit": None, "dirty": None}
+
     try:
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)
         if head.returncode != 0:
-            return {"commit": None, "dirty": None}
+            return recorded()
         dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10)
         return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
+        return recorded()
 
 
 def _versions() -> Dict[str, Any]:
@@ -717,7 +728,9 @@ def _report(R: Mapping[str, Any]) -> str:
     if reg:
         lines += [f"Run on {paper_reg.sections_scope(bool(R['quick']))} (`paper_reg.runs_with_sections`: these "
                   "parts cost about three CREAM_Base trainings each, so all 12 runs would not fit the 30-minute "
-                  "budget and the cluttered regime is cut); n is the number of runs behind each number.", ""]
+                  "budget and the cluttered regime is cut); n is the number of runs behind each number. These "
+                  "parts score maps at wsolevaluation's tau step 0.001 (the tables above: 0.01), so their CAM and "
+                  "CREAM_Base rows differ a little from Table 1's.", ""]
         for k in reg:
             lines += [f"### {k[len('paper_reg: '):]}", "", T[k], ""]
         for key, paths in fig.items():
@@ -971,7 +984,8 @@ def publish(results_dir: str, repo_root: str, wall_time_s: Optional[float] = Non
     figs = {}
     for key, paths in R["figures"].items():
         for fk, rel in paths.items():
-            dst = os.path.join(img, f"{key}-{fk}.png" if key != "real_photos" else "real_photos.png")
+            name = re.sub(r"[^\w.-]+", "_", f"{key}-{fk}").strip("_") if key != "real_photos" else "real_photos"
+            dst = os.path.join(img, name + ".png")  # no spaces or brackets: plain Markdown links
             shutil.copyfile(os.path.join(results_dir, rel), dst)
             figs.setdefault(key, {})[fk] = os.path.relpath(dst, os.path.join(repo_root, "docs"))
     wall = wall_time_s if wall_time_s is not None else R["total_time_s"]
