@@ -94,7 +94,11 @@ one program per SM instead of one program in all. Verified under the
 interpreter against the reference; its speed against this kernel at B = 1 is
 for a GPU to measure (CREAM_KERNELS_TRITON_SPLIT=0 turns it off, =P forces P
 chunks). The classifier-weight, training-free and sigma = "auto" forms are
-not split (their extra passes would need more launch pairs).
+not split (their extra passes would need more launch pairs). Compiled for
+sm_90a (scripts/triton_sm90.py --kernels split --quick; d=2048, 28x28,
+2026-12-02): the pass kernel 86-128 registers, 0 B spills, 16-byte feature
+loads (ld.global.v4) in fp32/bf16, NCHW and channels_last, E+M, last E-step
+and cosine alike; the reduce kernel 40 registers, 0 B spills.
 triton.autotune is not used: under TRITON_INTERPRET=1 it would run every
 config on CPU (slow CI), and the choice above is set by the register budget
 checked with ptxas.
