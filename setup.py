@@ -21,7 +21,6 @@ import os
 import shlex
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
@@ -51,7 +50,7 @@ ROOT = Path(__file__).resolve().parent
 #  (Earlier figures, 811 / 1106 CPU-s, were measured at load averages of 260-560, which
 #  inflated CPU time several times over.)
 DEFAULT_ARCHS = "80;90a;compute_90"
-BUILD_COST = "about 3.5 CPU-minutes in all (2 minutes on 2 cores)"
+BUILD_COST = {"kind": "about 3.5 CPU-minutes in all, 2 min on 2 cores", "file": "about 5 CPU-minutes in all"}
 
 
 def find_nvcc():
@@ -305,7 +304,8 @@ class NinjaBuildExt(build_ext):
         if nvcc:
             default = "default" if "CREAM_KERNELS_CUDA_ARCHS" not in os.environ else "from CREAM_KERNELS_CUDA_ARCHS"
             line = (f"nvcc found at {nvcc} ({how}); compiling CUDA for {describe_archs(archs)} ({default}; "
-                    f"{len(cu_files)} files as {len(cu_sources)} units for {jobs} jobs, {BUILD_COST}; set CREAM_KERNELS_CUDA_ARCHS to change, "
+                    f"{len(cu_files)} files as {len(cu_sources)} units for {jobs} jobs, "
+                    f"{BUILD_COST['file' if len(cu_sources) == len(cu_files) else 'kind']}; set CREAM_KERNELS_CUDA_ARCHS to change, "
                     "CREAM_KERNELS_CUDA=0 to skip)")
         else:
             line = f"building the CPU backend only ({how}; set CREAM_KERNELS_CUDA=1 to require CUDA)"

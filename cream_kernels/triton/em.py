@@ -96,7 +96,7 @@ for a GPU to measure (CREAM_KERNELS_TRITON_SPLIT=0 turns it off, =P forces P
 chunks). The classifier-weight, training-free and sigma = "auto" forms are
 not split (their extra passes would need more launch pairs). Compiled for
 sm_90a (scripts/triton_sm90.py --kernels split --quick; d=2048, 28x28,
-2026-12-02): the pass kernel 86-128 registers, 0 B spills, 16-byte feature
+tiles_per_chunk = 3 as a runtime value, 2026-12-02): the pass kernel 86-128 registers, 0 B spills, 16-byte feature
 loads (ld.global.v4) in fp32/bf16, NCHW and channels_last, E+M, last E-step
 and cosine alike; the reduce kernel 40 registers, 0 B spills.
 triton.autotune is not used: under TRITON_INTERPRET=1 it would run every
@@ -589,6 +589,7 @@ def _split_finish(CAM, ZOUT, OUT, PICKED, SIGMA_USED, N, sigma, ratio, BLOCK_P: 
     tl.store(SIGMA_USED + rows, tl.zeros([1], tl.float32) + sigma)
 
 
+GRID_AXIS1_MAX = 65535
 SPLIT_ENV = "CREAM_KERNELS_TRITON_SPLIT"  # "0": never split; N >= 1: N chunks per row whenever it applies
 _SM_COUNT = {}
 
@@ -612,6 +613,8 @@ def split_chunks(f3, R: int, block_n: int, device=None) -> int:
         if not env.isdigit():
             raise ValueError(f"{SPLIT_ENV}={env!r}: expected 0 (never) or a number of chunks per row")
         want = int(env)
+        if R > GRID_AXIS1_MAX:  # the pass kernel's grid is (P, R): CUDA caps grid axis 1
+            return 1
         return max(1, min(want, tiles)) if want > 0 else 1
     if not f3.is_cuda:
         return 1

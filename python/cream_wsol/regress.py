@@ -86,6 +86,7 @@ class RegressConfig(ConfigMixin):
     progress: bool = True
     device: str = "auto"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
+    head_init: str = "zeros"  # BoxRegressor's head (a checkpoint without it had normal(0, 0.01) weights)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "RegressConfig":
@@ -139,7 +140,9 @@ class BoxRegressor(nn.Module):
         self.head = nn.Linear(backbone.feature_dim * self.grid * self.grid, 4)
         # Zero weights: every backbone starts at exactly the centred box, whatever its feature
         # scale (normal(0, 0.01) weights over Lite0's 1280 x 16 inputs gave initial outputs of
-        # several units and NaN losses within an epoch at the classification lr; 2026-12-02)
+        # several units). What fixed the NaN losses of Lite0's first full run was the lr
+        # (REGRESSOR_LR_NOTE: lr 0.01 x10 diverged with either init); this makes the start
+        # the same for every backbone.
         nn.init.zeros_(self.head.weight)
         with torch.no_grad():  # start at the centred box of half the side
             self.head.bias.copy_(torch.tensor([0.25, 0.25, 0.75, 0.75]))
@@ -161,6 +164,8 @@ def _build(cfg: RegressConfig, pretrained: Optional[str]):
     backbone = build_model(cfg.arch, 1, large_feature_map=cfg.large_feature_map, pretrained=pretrained,
                            **cfg.model_kwargs)
     backbone.fc.requires_grad_(False)  # the backbone's classifier is not used
+    if cfg.head_init != "zeros":
+        raise ValueError(f"head_init: only 'zeros' is built (REGRESSOR_LR_NOTE); got {cfg.head_init!r}")
     return BoxRegressor(backbone)
 
 

@@ -180,6 +180,12 @@ def _git_commit() -> Dict[str, Any]:
             return {"commit": None, "dirty": None}
 
     try:
+        top = subprocess.run(["git", "-C", root, "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=10)
+        # the package's own checkout only (an installed copy in a venv inside some other checkout
+        # must not report that checkout's HEAD)
+        if top.returncode != 0 or os.path.realpath(top.stdout.strip()) != os.path.realpath(root):
+            return recorded()
         head = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
                               timeout=10)
         if head.returncode != 0:
@@ -280,9 +286,12 @@ def run_one(out_dir: str, regime: str, backbone: str, seed: int, *, quick: bool,
             prev["_figures"] = torch.load(fig_file, weights_only=False) if keep_examples else None
             prev["time_per_image_ms"] = {int(k): v for k, v in prev["time_per_image_ms"].items()}
             want = paper_reg.runs_with_sections(regime, backbone, seed, quick)
-            if want != (prev.get("paper_reg") is not None):  # the issue-9 scope changed since that run
-                t0 = time.time()
+            have = prev.get("paper_reg")
+            # the issue-9 scope or what the parts compute changed since that run
+            if want != (have is not None) or (want and have.get("_version") != paper_reg.SECTIONS_VERSION):
+                t0, c0 = time.time(), time.process_time()
                 prev["paper_reg"] = sections(cfg) if want else None
+                prev["stage_s"]["cpu_s"] = prev["stage_s"].get("cpu_s", 0.0) + time.process_time() - c0
                 prev["stage_s"]["paper_reg_s"] = time.time() - t0 if want else 0.0
                 with open(run_json + ".tmp", "w") as fh:
                     json.dump(jsonable({k: v for k, v in prev.items() if k != "_figures"}), fh, indent=1)

@@ -278,3 +278,10 @@ def test_regressor_head_starts_at_the_centred_box():
     reg = BoxRegressor(build_model("small", 1))
     x = torch.randn(3, 3, 64, 64) * 10  # whatever the feature scale
     assert torch.equal(reg(x), torch.tensor([[0.25, 0.25, 0.75, 0.75]]).expand(3, 4))
+
+
+def test_regressor_config_head_init_is_checked():
+    from cream_wsol.regress import _build
+
+    with pytest.raises(ValueError, match="head_init"):
+        _build(RegressConfig(arch="small", head_init="normal"), None)

@@ -128,6 +128,31 @@ def test_publish_writes_readme_docs_and_figures(quick_run, tmp_path):
         assert f"img/reproduce/{name}" in docs
 
 
+def test_reuse_recomputes_stale_issue9_parts(quick_run, tmp_path):
+    import shutil
+
+    from cream_wsol import paper_reg
+
+    out, _ = quick_run
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    rj = os.path.join(copy, "runs", "cub-small-s0", "run.json")
+    with open(rj) as fh:
+        rec = json.load(fh)
+    assert rec["paper_reg"]["_version"] == paper_reg.SECTIONS_VERSION
+    rec["paper_reg"]["_version"] = paper_reg.SECTIONS_VERSION - 1  # as written by an older harness
+    rec["paper_reg"]["Table 6 (pseudo boxes, train split)"] = {"stale": {"GT-known Loc": -1.0}}
+    with open(rj, "w") as fh:
+        json.dump(rec, fh)
+    again = reproduce(copy, quick=True, progress=False, log=lambda *a, **k: None)
+    assert all(r.get("reused") for r in again["runs"])  # the runs themselves are not retrained
+    run = next(r for r in again["runs"] if (r["regime"], r["backbone"], r["seed"]) == ("cub", "small", 0))
+    assert run["paper_reg"]["_version"] == paper_reg.SECTIONS_VERSION
+    assert "stale" not in run["paper_reg"]["Table 6 (pseudo boxes, train split)"]
+    with open(rj) as fh:
+        assert json.load(fh)["paper_reg"]["_version"] == paper_reg.SECTIONS_VERSION  # written back
+
+
 def test_quick_reuses_finished_runs(quick_run, tmp_path):
     out, res = quick_run
     again = reproduce(out, quick=True, progress=False, log=lambda *a, **k: None)
