@@ -182,6 +182,20 @@ def copy_bandwidth(device):
     return 2 * (1 << 28) * 4 / (us * 1e-6) / 1e9
 
 
+def _triton_splits(f) -> bool:
+    """Whether Triton's EM would take its small-batch split path for features f (the
+    per-image centroid form run_impl calls), by the kernel module's own rule."""
+    from cream_kernels.triton import em
+
+    f3 = f.reshape(f.shape[0], f.shape[1], -1)
+    forced = os.environ.pop(em.SPLIT_ENV, None)  # the default rule, whatever run_impl set last
+    try:
+        return em.split_chunks(f3, f3.shape[0], em.feature_blocks(f3, 1)) > 1
+    finally:
+        if forced is not None:
+            os.environ[em.SPLIT_ENV] = forced
+
+
 def cmd_timing(args):
     device, shapes, batches, impls = setup(args.dry_run)
     dtypes = {k: DTYPES[k] for k in args.dtypes.split(",")}
@@ -200,8 +214,8 @@ def cmd_timing(args):
                 f, cam, v_fg, v_bg = inputs(B, d, hw, dt, device)
                 nbytes = f.numel() * f.element_size()
                 for impl, (backend, variant) in impls.items():
-                    if variant == "nosplit" and 2 * B > torch.cuda.get_device_properties(device).multi_processor_count:
-                        continue  # B rows fill the GPU: no split to compare against
+                    if variant == "nosplit" and not _triton_splits(f):
+                        continue  # the split path does not apply here: nothing to compare against
                     try:
                         us = bench(lambda: run_impl(impl, backend, variant, f, cam, v_fg, v_bg), device,
                                    args.rep_ms)

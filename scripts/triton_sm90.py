@@ -140,7 +140,7 @@ def split_case(d, N, dtype, cl, last=False, cosine=False):
     args = dict(F=P, stride_b=f3.stride(0), stride_d=f3.stride(1), stride_n=f3.stride(2), FGOUT="*fp32",
                 BGOUT="*fp32", MIX="*fp32", ZOUT="*fp32", WS="*fp32", WM="*fp32", K=3, d=d, N=N, P=49,
                 tiles_per_chunk=3, inv_sigma=0.125)
-    consts = dict(LAST=last, COSINE=cosine, PREFETCH=f3.element_size() <= em.PREFETCH_MAX_ESIZE, **blocks)
+    consts = dict(LAST=last, COSINE=cosine, PREFETCH=em._prefetch(f3), **blocks)
     r = compile_kernel(em._split_pass, args, consts, num_warps)
     r.update(kernel="split_pass", d=d, N=N, dtype=DT[dtype], layout="CL" if cl else "NCHW", last=last,
              cosine=cosine, num_warps=num_warps, BLOCK_N=blocks["BLOCK_N"], VEC=blocks["VEC_D"] * blocks["VEC_N"])

@@ -191,12 +191,14 @@ def test_em_split_path_vs_reference(monkeypatch, mode, cl, cosine):
 
 def test_em_split_default_rule(monkeypatch):
     monkeypatch.delenv(tem.SPLIT_ENV, raising=False)
-    assert tem.split_chunks(torch.zeros(1, 8, 4096), 1, 16) == 1  # CPU tensors (the interpreter): never
+    blocks = dict(BLOCK_N=16, VEC_N=4)
+    assert tem.split_chunks(torch.zeros(1, 8, 4096), 1, blocks) == 1  # CPU tensors (the interpreter): never
     if torch.cuda.is_available():
         f3 = torch.zeros(1, 2048, 784, device="cuda")
         sms = tem._sm_count(f3.device)
-        assert 1 < tem.split_chunks(f3, 1, 16) <= 49  # batch 1: about one program per SM, whole tiles
-        assert tem.split_chunks(f3, sms, 16) == 1  # enough rows to fill the GPU: the one-program kernel
+        assert 1 < tem.split_chunks(f3, 1, blocks) <= 49  # batch 1: about one program per SM, whole tiles
+        assert tem.split_chunks(f3, sms, blocks) == 1  # enough rows to fill the GPU: the one-program kernel
+        assert tem.split_chunks(f3, 1, dict(BLOCK_N=2, VEC_N=4)) == 1  # a tile under one vector: never split
 
 
 class _Counting:

@@ -535,7 +535,7 @@ def _split_pass(
     bgrows = BGOUT + r * d + offs_d[None, :]
     a_fg = tl.load(MIX + 2 * r + tl.zeros([1], tl.int64))
     a_bg = tl.load(MIX + 2 * r + 1 + tl.zeros([1], tl.int64))
-    w2 = (tl.load(fgrows, mask=vmask, other=0.0) - tl.load(bgrows, mask=vmask, other=0.0)) * inv_sigma
+    w2 = _logit_weight(fgrows, bgrows, vmask, tl.zeros([1], tl.float32) + inv_sigma)
     bias = _log_ratio(a_fg, a_bg)
     zrows = ZOUT + r * N + start + tl.zeros([1], tl.int64)
     zero_v = tl.zeros([1, BLOCK_D], tl.float32)
@@ -600,14 +600,19 @@ def _sm_count(device) -> int:
     return _SM_COUNT[device]
 
 
-def split_chunks(f3, R: int, block_n: int, device=None) -> int:
-    """How many pixel chunks the split path cuts each of R rows into (1 = no split).
+def split_chunks(f3, R: int, blocks: dict, device=None) -> int:
+    """How many pixel chunks the split path cuts each of R rows of f3 into (1 = no split),
+    with ``blocks`` = feature_blocks(f3, 1).
 
+    Chunks start at multiples of BLOCK_N, so a tile narrower than one vector (NCHW,
+    VEC_N > BLOCK_N) is never split: its chunks' loads would not stay whole vectors.
     CREAM_KERNELS_TRITON_SPLIT=0 never splits, =P asks for P chunks (capped by the
     tiles a row has; how the tests run it on CPU). Default: on a GPU, when the R rows
     would fill under half of the SMs, enough chunks of whole tiles to give every SM about
     one program; on CPU (the interpreter), never."""
-    tiles = triton.cdiv(int(f3.shape[2]), int(block_n))
+    if blocks["BLOCK_N"] % blocks["VEC_N"] != 0:
+        return 1
+    tiles = triton.cdiv(int(f3.shape[2]), int(blocks["BLOCK_N"]))
     env = os.environ.get(SPLIT_ENV, "").strip()
     if env:
         if not env.isdigit():
@@ -624,18 +629,18 @@ def split_chunks(f3, R: int, block_n: int, device=None) -> int:
     return max(1, min(tiles, sms // max(R, 1)))
 
 
-def _em_split(f3, cam, v_fg, v_bg, labels, K, v_by_label, num_iters, sigma, ratio, cosine, outputs, chunks):
+def _em_split(f3, cam, v_fg, v_bg, labels, K, v_by_label, num_iters, sigma, ratio, cosine, outputs, chunks,
+              blocks):
     out, z, fg_out, bg_out, mix, picked, sigma_used = outputs
     B, d, N = f3.shape
     R = B * K
-    blocks = feature_blocks(f3, 1)
     bn = blocks["BLOCK_N"]
     tiles = triton.cdiv(N, bn)
     tpc = triton.cdiv(tiles, chunks)
     P = triton.cdiv(tiles, tpc)  # every chunk non-empty
     ws = torch.empty((R, P, 2, d), dtype=torch.float32, device=f3.device)
     wm = torch.empty((R, P, 2), dtype=torch.float32, device=f3.device)
-    prefetch = f3.element_size() <= PREFETCH_MAX_ESIZE
+    prefetch = _prefetch(f3)
     inv = 1.0 / float(sigma)
     lab = labels if labels is not None else out
     _split_init[(R,)](v_fg, v_bg, lab, fg_out, bg_out, mix, d, V_BY_LABEL=bool(v_by_label), COSINE=bool(cosine),
@@ -657,8 +662,12 @@ def launch_config(f3, K: int) -> dict:
     kb_max = KB_MAX if triton.next_power_of_2(max(int(f3.shape[1]), 1)) <= KB_MAX_D else 1
     kb = min(int(triton.next_power_of_2(max(int(K), 1))), kb_max)
     blocks = feature_blocks(f3, kb)
-    prefetch = f3.element_size() <= PREFETCH_MAX_ESIZE
-    return dict(KB=kb, groups=triton.cdiv(int(K), kb), PREFETCH=prefetch, **blocks)
+    return dict(KB=kb, groups=triton.cdiv(int(K), kb), PREFETCH=_prefetch(f3), **blocks)
+
+
+def _prefetch(f3) -> bool:
+    """Whether the tile loop loads the next tile by hand (PREFETCH_MAX_ESIZE)."""
+    return f3.element_size() <= PREFETCH_MAX_ESIZE
 
 
 def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label,
@@ -684,13 +693,11 @@ def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label,
     inv = 0.0 if sigma_auto else 1.0 / sig
     if has_v and not has_w and not sigma_auto and cam is not None:
         b1 = feature_blocks(f3, 1)
-        # chunks start at multiples of BLOCK_N: with a tile narrower than one vector
-        # (NCHW, VEC_N > BLOCK_N) a chunk's loads would not stay whole vectors
-        chunks = split_chunks(f3, B * K, b1["BLOCK_N"]) if b1["BLOCK_N"] % b1["VEC_N"] == 0 else 1
+        chunks = split_chunks(f3, B * K, b1)
         if chunks > 1:
             with _device_of(f3):
                 _em_split(f3, cam, v_fg, v_bg, labels, K, v_by_label, num_iters, sigma, ratio, cosine, outputs,
-                          chunks)
+                          chunks, b1)
             return
     cfg = launch_config(f3, K)
     groups = cfg.pop("groups")
