@@ -83,12 +83,11 @@ def _run_reg(ckpt: str, pseudo: Dict[str, Any], out: str, curve: float, device: 
     from .train import load_checkpoint, load_trained
 
     model, emb, cfg = load_trained(ckpt, device=device)
+    reg_lr, head_mult = regressor_lr(cfg.lr)  # regress.REGRESSOR_LR_NOTE: a tenth of the lr, no head multiplier
     rcfg = RegressConfig(pseudo_root=pseudo["dir"], data_root=cfg.data_root, split="train", arch=cfg.arch,
                          pretrained=cfg.pretrained, large_feature_map=cfg.large_feature_map,
                          image_size=int(pseudo["input_size"]), batch_size=cfg.batch_size,
-                         # regress.REGRESSOR_LR_NOTE: a tenth of the lr and no head multiplier
-                         lr=regressor_lr(cfg.lr)[0], classifier_lr_mult=regressor_lr(cfg.lr)[1],
-                         weight_decay=cfg.weight_decay,
+                         lr=reg_lr, classifier_lr_mult=head_mult, weight_decay=cfg.weight_decay,
                          epochs=cfg.epochs, lr_step=cfg.lr_step, lr_gamma=cfg.lr_gamma, seed=cfg.seed,
                          out_dir=out, max_steps_per_epoch=cfg.max_steps_per_epoch, progress=progress, device=device,
                          model_kwargs=dict(cfg.model_kwargs))

@@ -94,6 +94,8 @@ EST_SECTIONS_S = {"small": 144.0, "lite0": 361.0}
 EST_RUN_S_QUICK = {"small": 2.0, "lite0": 4.0}
 
 SIGMA_AUTO = "auto"
+# progress lines appear as they happen when stdout is a file or a pipe (workers too: picklable)
+_print_flushed = functools.partial(print, flush=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -293,12 +295,8 @@ def run_one(out_dir: str, regime: str, backbone: str, seed: int, *, quick: bool,
                 prev["paper_reg"] = sections(cfg) if want else None
                 prev["stage_s"]["cpu_s"] = prev["stage_s"].get("cpu_s", 0.0) + time.process_time() - c0
                 prev["stage_s"]["paper_reg_s"] = time.time() - t0 if want else 0.0
-                with open(run_json + ".tmp", "w") as fh:
-                    json.dump(jsonable({k: v for k, v in prev.items() if k != "_figures"}), fh, indent=1)
-                os.replace(run_json + ".tmp", run_json)
-                prev = dict(json.loads(json.dumps(jsonable({k: v for k, v in prev.items() if k != "_figures"}))),
+                prev = dict(_save_run(run_json, {k: v for k, v in prev.items() if k != "_figures"}),
                             _figures=prev["_figures"])
-                prev["time_per_image_ms"] = {int(k): v for k, v in prev["time_per_image_ms"].items()}
             prev["reused"] = True
             return prev
     ckpt = os.path.join(cfg.out_dir, CHECKPOINT_NAME)
@@ -389,13 +387,20 @@ def run_one(out_dir: str, regime: str, backbone: str, seed: int, *, quick: bool,
                 "thresholds": test_res["thresholds"]}
         torch.save(figs, fig_file + ".tmp")
         os.replace(fig_file + ".tmp", fig_file)
-    with open(run_json + ".tmp", "w") as fh:
-        json.dump(jsonable(rec), fh, indent=1)
-    os.replace(run_json + ".tmp", run_json)  # written last: a run.json means the run is complete
-    rec = json.loads(json.dumps(jsonable(rec)))  # the same types whether fresh or reused
-    rec["time_per_image_ms"] = {int(k): v for k, v in rec["time_per_image_ms"].items()}
+    rec = _save_run(run_json, rec)  # written last: a run.json means the run is complete
     rec["_figures"] = figs
     return rec
+
+
+def _save_run(run_json: str, rec: Mapping[str, Any]) -> Dict[str, Any]:
+    """Write rec as run.json atomically; returns it as a reused run reads it back (the same
+    types whether fresh or reused), with the timing table's keys as ints."""
+    with open(run_json + ".tmp", "w") as fh:
+        json.dump(jsonable(rec), fh, indent=1)
+    os.replace(run_json + ".tmp", run_json)
+    out = json.loads(json.dumps(jsonable(rec)))
+    out["time_per_image_ms"] = {int(k): v for k, v in out["time_per_image_ms"].items()}
+    return out
 
 
 def fingerprint(results: Mapping[str, Any]) -> Dict[str, Any]:
@@ -832,8 +837,8 @@ def reproduce(out_dir: str = "cream_reproduce", *, seeds: Optional[Sequence[int]
         raise ValueError(f"jobs must be >= 1; got {jobs}")
     jobs = int(jobs)
 
-    if log is print:  # progress lines appear as they happen when stdout is a file or a pipe
-        log = functools.partial(print, flush=True)
+    if log is print:
+        log = _print_flushed
     threads_before = torch.get_num_threads()
     if quick:
         torch.set_num_threads(1)
@@ -901,7 +906,7 @@ def _reproduce(out_dir, seeds, regimes, backbones, quick, progress, device, epoc
             # the data sets first (two runs must not write the same one at once)
             list(ex.map(_make_data, data_jobs, [dkw] * len(data_jobs)))
             futs = {ex.submit(run_one, out_dir, *key, progress=False,
-                              keep_examples=n_keep if key[2] == seeds[0] else 0, log=functools.partial(print, flush=True), **kw): key
+                              keep_examples=n_keep if key[2] == seeds[0] else 0, log=_print_flushed, **kw): key
                     for key in plan}
             t0 = time.time()
             for f in cf.as_completed(futs):
