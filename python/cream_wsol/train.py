@@ -126,6 +126,12 @@ PRESETS["synthetic"] = dict(
     epochs=12, lr_step=8, image_size=64, crop_size=None, weight_decay=1e-4, pretrained=None,
 )
 PRESETS["synthetic-quick"] = dict(PRESETS["synthetic"], epochs=2, lr_step=1)
+# The small CNN on the paper's data sets (``reproduce --arch small``): the data set's schedule and
+# input (epochs, lr step, 224 crop) with the synthetic preset's optimiser settings, from scratch.
+for _ds in _PAPER_SCHEDULES:
+    PRESETS[f"{_ds}-small"] = dict(PRESETS[f"{_ds}-vgg16"], arch="small", pretrained=None,
+                                   **{k: PRESETS["synthetic"][k] for k in ("batch_size", "lr", "classifier_lr_mult",
+                                                                          "weight_decay")})
 
 
 # presets that fine-tune ImageNet weights in the paper; without --pretrained they would
