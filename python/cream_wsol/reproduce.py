@@ -1647,28 +1647,30 @@ def _make_data(job, dkw) -> None:
 
 def _probe_s(exp: Experiment, regime: str, backbone: str, info: Mapping[str, Any], device: str) -> Tuple[float, float]:
     """(seconds per image of a training step, of an eval forward) of this run's model at its
-    input size on this machine: one timed batch of 2 after one untimed (random weights)."""
+    input size on this machine: the faster of two timed batches (of up to 8) after an untimed one."""
     from .models import build_model
 
     cfg = exp.train_config(regime, backbone, 0, ("", "", ""), "", False, device)
     size = int(cfg.crop_size or cfg.image_size)
     model = build_model(cfg.arch, info["splits"]["train"]["classes"], large_feature_map=cfg.large_feature_map,
                         **cfg.model_kwargs).to(device)
-    x = torch.randn(2, 3, size, size, device=device)
-    y = torch.zeros(2, dtype=torch.long, device=device)
-    t_step = t_fwd = 0.0
-    for i in range(2):
-        t0 = time.perf_counter()
+    nb = max(2, min(8, int(cfg.batch_size)))  # a small batch, so per-call overheads do not dominate
+    x = torch.randn(nb, 3, size, size, device=device)
+    y = torch.zeros(nb, dtype=torch.long, device=device)
+    steps, fwds = [], []
+    for i in range(3):  # the first is a warm-up; the fastest of the other two counts
         model.train()
-        logits = model(x)
-        torch.nn.functional.cross_entropy(logits, y).backward()
+        t0 = time.perf_counter()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
         t1 = time.perf_counter()
+        model.eval()
         with torch.no_grad():
-            model.eval()
             model(x, return_features=True)
         t2 = time.perf_counter()
-        t_step, t_fwd = (t1 - t0) / 2, (t2 - t1) / 2
-    return t_step, t_fwd
+        if i:
+            steps.append((t1 - t0) / nb)
+            fwds.append((t2 - t1) / nb)
+    return min(steps), min(fwds)
 
 
 def estimate_folder_s(exp: Experiment, regime: str, backbone: str, seeds: Sequence[int], info: Mapping[str, Any],
