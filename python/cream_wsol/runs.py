@@ -259,9 +259,9 @@ FREE_SETTINGS = ("progress", "out_dir")
 
 def same_settings(saved: Mapping[str, Any], now: Mapping[str, Any], ignore: Iterable[str] = FREE_SETTINGS) -> bool:
     """Whether a config dict ``now`` asks for the run ``saved`` describes: every key of ``now``
-    but those in ``ignore`` equal (a key the older ``saved`` lacks counts as different)."""
+    but those in ``ignore`` equal (a key an older ``saved`` lacks counts as None)."""
     skip = set(ignore)
-    return all(saved.get(k, object()) == v for k, v in now.items() if k not in skip)
+    return all(saved.get(k) == v for k, v in now.items() if k not in skip)
 
 
 def resume_point(path: str, config: Mapping[str, Any], *, restart: bool = False,
