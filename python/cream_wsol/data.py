@@ -786,8 +786,9 @@ def make_wsol_standin(root, dataset: str = "cub", seed: int = 0, num_classes: in
     ``dataset="cub"`` (or ``"ilsvrc"``): ``<root>/images/NNN.Class_NN/Class_NN_IIII_S.jpg`` and
     ``<root>/metadata/{train,val,test}/`` with ``image_ids.txt``, ``class_labels.txt``,
     ``image_sizes.txt`` and ``localization.txt`` (one box per image, original pixels), as
-    wsolevaluation's CUB metadata. ``"openimages"``: ``localization.txt`` lists masks instead
-    (``<root>/masks/...png`` and an all-zero ignore map), as its OpenImages metadata.
+    wsolevaluation's CUB metadata. ``"openimages"``: val's and test's ``localization.txt`` list masks
+    instead (``<root>/masks/...png`` and an all-zero ignore map) and train has none, as its
+    OpenImages metadata.
 
     Returns ``(data_root, metadata_root, mask_root)`` (mask_root None for boxes). Written once per
     parameter set (reused when it exists)."""
@@ -800,7 +801,7 @@ def make_wsol_standin(root, dataset: str = "cub", seed: int = 0, num_classes: in
     counts = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
     if any(v < 1 for v in counts.values()):
         raise ValueError(f"split sizes must be >= 1; got {counts}")
-    params = dict(kind="wsol-standin", version=1, dataset=dataset, seed=int(seed), num_classes=int(num_classes),
+    params = dict(kind="wsol-standin", version=2, dataset=dataset, seed=int(seed), num_classes=int(num_classes),
                   counts=counts, image_size=int(image_size))
     masks = dataset == "openimages"
 
@@ -835,6 +836,8 @@ def make_wsol_standin(root, dataset: str = "cub", seed: int = 0, num_classes: in
             d = os.path.join(tmp_meta, split)
             os.makedirs(d, exist_ok=True)
             for name, ls in lines.items():
+                if name == "localization" and masks and split == "train":
+                    continue  # as wsolevaluation's OpenImages metadata: no masks for train
                 with open(os.path.join(d, name + ".txt"), "w") as fh:
                     fh.write("".join(ln + "\n" for ln in ls))
 
