@@ -192,3 +192,36 @@ def test_reproduce_cub_standin_vgg16_224(tmp_path):
     report = open(os.path.join(out, "report.md")).read()
     assert "| CAM | " in report and "63.7 |" in report  # the paper's CUB VGG16 CAM beside ours
     assert "70.44 / 85.67 / 90.98" in report and "### Table 6 (pseudo boxes, train split)" in report
+
+
+def test_resume_point_is_the_one_rule(tmp_path):
+    """Continue a checkpoint written with the same settings; clear a stale one and its logs."""
+    from cream_wsol.runs import TrainConfig, resume_point, save_checkpoint
+
+    cfg = TrainConfig(out_dir=str(tmp_path), epochs=3)
+    path = str(tmp_path / "checkpoint.pt")
+    save_checkpoint({"config": cfg.to_dict()}, path)
+    (tmp_path / "train_log.jsonl").write_text("{}\n")
+    assert resume_point(path, cfg.replace(progress=False, out_dir="/elsewhere").to_dict()) == path
+    assert resume_point(path, cfg.to_dict(), restart=True, logs=("train_log.jsonl",)) is None
+    assert not os.path.exists(path) and not (tmp_path / "train_log.jsonl").exists()
+    save_checkpoint({"config": cfg.to_dict()}, path)
+    assert resume_point(path, cfg.replace(lr=0.5).to_dict()) is None and not os.path.exists(path)
+    assert resume_point(path, cfg.to_dict()) is None  # nothing there: start fresh
+
+
+def test_train_and_evaluate_no_longer_import_each_other():
+    """The harness's layering: runs <- evaluate <- train; regress uses runs' public helpers."""
+    import ast
+
+    import cream_wsol
+
+    pkg = os.path.dirname(cream_wsol.__file__)
+
+    def imports(name):
+        tree = ast.parse(open(os.path.join(pkg, name + ".py")).read())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+
+    assert "train" not in imports("evaluate") and "train" not in imports("runs") and "evaluate" not in imports("runs")
+    src = open(os.path.join(pkg, "regress.py")).read()
+    assert "from .train import (_" not in src and "import _" not in src
