@@ -1652,14 +1652,16 @@ def _make_data(job, dkw) -> None:
 
 def _probe_s(exp: Experiment, regime: str, backbone: str, info: Mapping[str, Any], device: str) -> Tuple[float, float]:
     """(seconds per image of a training step, of an eval forward) of this run's model at its
-    input size on this machine: the faster of two timed batches (of up to 8) after an untimed one."""
+    input size on this machine: the faster of two timed batches after an untimed one."""
     from .models import build_model
 
     cfg = exp.train_config(regime, backbone, 0, ("", "", ""), "", False, device)
     size = int(cfg.crop_size or cfg.image_size)
     model = build_model(cfg.arch, info["splits"]["train"]["classes"], large_feature_map=cfg.large_feature_map,
                         **cfg.model_kwargs).to(device)
-    nb = max(2, min(8, int(cfg.batch_size)))  # a small batch, so per-call overheads do not dominate
+    # a batch of 8 for the small CNN (per-call overheads would dominate a smaller one), 2 for the
+    # ImageNet backbones (a timed VGG16 step of 8 images at 224 is most of a minute on one CPU core)
+    nb = min(8 if cfg.arch == "small" else 2, max(2, int(cfg.batch_size)))
     x = torch.randn(nb, 3, size, size, device=device)
     y = torch.zeros(nb, dtype=torch.long, device=device)
     steps, fwds = [], []
