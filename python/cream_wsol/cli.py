@@ -2,6 +2,8 @@
 
     cream-wsol reproduce --out runs/reproduce            # the README's main command
     cream-wsol reproduce --quick --out /tmp/smoke        # CI-size run, seconds
+    cream-wsol reproduce --data-root CUB_200_2011/images --metadata-root metadata/CUB --dataset cub \\
+        --arch vgg16 --pretrained vgg16-397923af.pth --out runs/cub-vgg16   # the same on your data
     cream-wsol train --preset synthetic --out runs/synth
     cream-wsol train --preset cub-resnet50 --data-root CUB_200_2011/images \\
         --metadata-root metadata/CUB --pretrained resnet50-19c8e357.pth --out runs/cub-r50
