@@ -21,7 +21,7 @@ weights and embeddings bit for bit (data order and augmentation depend only on
 the seed, the epoch and the rank; with ``num_workers=0`` this also holds for a
 resume in the middle of an epoch).
 
-Long runs (docs/harness.md, "Training" and "A real-data session, end to end"):
+Long runs (docs/harness.md, "Training" and "A real-data session"):
 
 * SIGINT (Ctrl-C) or SIGTERM finishes the current step, writes the exact-resume
   checkpoint and raises :class:`TrainingInterrupted` after one line saying where
