@@ -1189,7 +1189,7 @@ def paper_tables(A: Mapping[str, Any], configs: Sequence[Tuple[str, str]], datas
                 pv = p.get(row)
                 rows.append([row] + [reg_cell("Table 2/3 (CREAM_Reg)", row, m) for m in ("Top-1 Loc", "Top-5 Loc",
                                                                                        "GT-known Loc")]
-                            + [" / ".join(_pnum(x) for x in pv) if pv else "-"])
+                            + [" / ".join("-" if x is None else f"{x:.2f}" for x in pv) if pv else "-"])
             T["paper: reg"] = (f"Top-1 / Top-5 / GT-known Loc on test, ours beside the paper's ({name}):\n\n"
                                + _md_table(["method", "Top-1 Loc", "Top-5 Loc", "GT-known Loc",
                                             "paper (Top-1 / Top-5 / GT-known)"], rows))
