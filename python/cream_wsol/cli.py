@@ -2,6 +2,8 @@
 
     cream-wsol reproduce --out runs/reproduce            # the README's main command
     cream-wsol reproduce --quick --out /tmp/smoke        # CI-size run, seconds
+    cream-wsol reproduce --data-root CUB_200_2011/images --metadata-root metadata/CUB --dataset cub \\
+        --arch vgg16 --pretrained vgg16-397923af.pth --out runs/cub-vgg16   # the same on your data
     cream-wsol train --preset synthetic --out runs/synth
     cream-wsol train --preset cub-resnet50 --data-root CUB_200_2011/images \\
         --metadata-root metadata/CUB --pretrained resnet50-19c8e357.pth --out runs/cub-r50
@@ -153,17 +155,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
 
     # ---- reproduce ----------------------------------------------------------------
-    r = sub.add_parser("reproduce", help="train on the synthetic default and write the paper's tables + figures")
+    r = sub.add_parser("reproduce", help="the paper's experiment, with its tables and figures: on the embedded "
+                       "synthetic data, or on a wsolevaluation-format data set (--data-root)")
     r.add_argument("--out", default="cream_reproduce", help="output folder (default: ./cream_reproduce)")
+    r.add_argument("--data-root", help="your data: the folder the image ids are relative to (then also "
+                   "--metadata-root, --dataset, --arch)")
+    r.add_argument("--metadata-root", help="wsolevaluation metadata folder holding train/, val/, test/")
+    r.add_argument("--mask-root", help="folder the mask paths are relative to (OpenImages; default: --data-root)")
+    r.add_argument("--dataset", help="with --data-root: cub | ilsvrc | openimages (the paper's protocol and "
+                   "schedule: preset <dataset>-<arch>)")
+    r.add_argument("--arch", help="with --data-root: vgg16 | resnet50 | inceptionv3 | efficientnet_lite0 | small")
+    r.add_argument("--pretrained", metavar="FILE", help="with --data-root: ImageNet state dict (torchvision "
+                   "format; 'package' for efficientnet_lite0's pip weights, its default); vgg16, resnet50 and "
+                   "inceptionv3 need this or --no-pretrained")
+    r.add_argument("--no-pretrained", action="store_true", help="with --data-root: train from random weights")
+    r.add_argument("--methods", help="comma list of other WSOL methods to train and score with and without CREAM "
+                   "(has, adl, cutmix, ...; 'none'); default: has,adl,cutmix on the embedded runs that carry the "
+                   "CREAM_Reg parts, none with --data-root")
     r.add_argument("--seed", type=int, default=None, help="run this one seed only (same as --seeds N)")
-    r.add_argument("--seeds", help="comma list of seeds (default 0,1,2; --quick: 0,1)")
-    r.add_argument("--regimes", help="comma list of synthetic regimes: cub,cluttered (default: both)")
-    r.add_argument("--backbones", help="comma list: small,lite0 (default: both)")
-    r.add_argument("--quick", action="store_true", help="CI-size run (well under a minute; 1 torch thread)")
+    r.add_argument("--seeds", help="comma list of seeds (default 0,1,2; --quick: 0,1; --data-root: 0)")
+    r.add_argument("--regimes", help="embedded data: comma list of synthetic regimes: cub,cluttered (default: both)")
+    r.add_argument("--backbones", help="embedded data: comma list: small,lite0 (default: both)")
+    r.add_argument("--quick", action="store_true", help="embedded data: CI-size run (well under a minute; 1 torch "
+                   "thread)")
     r.add_argument("--jobs", type=int, default=None, help="runs at once, in worker processes with 1 torch thread "
-                   "each (default: 2 on a machine with >= 2 cores, 1 with --quick; per-stage bars only with 1)")
+                   "each (default: 2 on a machine with >= 2 cores, 1 with --quick or --data-root; per-stage bars "
+                   "only with 1)")
     r.add_argument("--epochs", type=int, help="override the preset's epochs")
-    r.add_argument("--retrain", action="store_true", help="train again even if <out>/train has a finished run")
+    r.add_argument("--image-size", type=int, help="override the input side (the pseudo boxes: twice it)")
+    r.add_argument("--batch-size", type=int, help="override the preset's batch size")
+    r.add_argument("--max-steps-per-epoch", type=int, help="cap the training steps per epoch (small runs)")
+    r.add_argument("--retrain", action="store_true", help="train again even if <out>/runs has finished runs")
     _add_common(r)
 
     # ---- presets ------------------------------------------------------------------
@@ -308,15 +330,34 @@ def _cmd_evaluate(a) -> int:
 
 
 def _cmd_reproduce(a) -> int:
-    from .reproduce import reproduce
+    from .preflight import BadFilesError
+    from .reproduce import PRETRAINED_PRESET, OptionError, reproduce
+    from .train import TrainingInterrupted
 
-    def _list(text, conv=str):
-        return None if not text else [conv(x.strip()) for x in text.split(",") if x.strip()]
+    def _list(opt, text, conv=str):
+        if text is None:
+            return None
+        try:
+            return [conv(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise OptionError(f"{opt}: expected a comma list of integers, got {text!r}") from None
 
-    seeds = _list(a.seeds, int) if a.seeds else ([a.seed] if a.seed is not None else None)
-    reproduce(a.out, seeds=seeds, regimes=_list(a.regimes), backbones=_list(a.backbones), quick=a.quick,
-              progress=not a.no_progress, device=_device(a.device), epochs=a.epochs, retrain=a.retrain,
-              jobs=a.jobs)
+    try:
+        if a.pretrained and a.no_pretrained:
+            raise OptionError("--pretrained / --no-pretrained: give one of them, not both")
+        seeds = _list("--seeds", a.seeds, int) if a.seeds is not None else ([a.seed] if a.seed is not None else None)
+        reproduce(a.out, seeds=seeds, regimes=_list("--regimes", a.regimes),
+                  backbones=_list("--backbones", a.backbones), quick=a.quick, progress=not a.no_progress,
+                  device=_device(a.device), epochs=a.epochs, retrain=a.retrain, jobs=a.jobs,
+                  data_root=a.data_root, metadata_root=a.metadata_root, mask_root=a.mask_root, dataset=a.dataset,
+                  arch=a.arch, pretrained=None if a.no_pretrained else (a.pretrained or PRETRAINED_PRESET),
+                  methods=_list("--methods", a.methods), image_size=a.image_size, batch_size=a.batch_size,
+                  max_steps_per_epoch=a.max_steps_per_epoch)
+    except (OptionError, BadFilesError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as exc:  # train() printed where the checkpoint is; the same command resumes
+        return 128 + exc.signum
     return 0
 
 

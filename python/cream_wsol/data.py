@@ -91,6 +91,7 @@ import torch
 from PIL import Image
 
 __all__ = [
+    "make_wsol_standin",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CorruptFileError",
@@ -773,6 +774,77 @@ def make_synthetic(root, seed: int = 0, num_classes: int = 4, n_train: int = 800
             w.close()
 
     return _generate_once(root, "synthetic", params, writer)
+
+
+def make_wsol_standin(root, dataset: str = "cub", seed: int = 0, num_classes: int = 4, n_train: int = 32,
+                      n_val: int = 8, n_test: int = 8, image_size: int = 96) -> Tuple[str, str, Optional[str]]:
+    """A stand-in for a real data set in its wsolevaluation layout, to run ``cream-wsol reproduce
+    --data-root ...`` end to end without the real images: the synthetic CUB-like scenes of
+    :func:`make_synthetic`, saved as JPEGs of varied, non-square sizes (each image resized from
+    its ``image_size`` square render to a width and height in [0.75, 1.25] x ``image_size``).
+
+    ``dataset="cub"`` (or ``"ilsvrc"``): ``<root>/images/NNN.Class_NN/Class_NN_IIII_S.jpg`` and
+    ``<root>/metadata/{train,val,test}/`` with ``image_ids.txt``, ``class_labels.txt``,
+    ``image_sizes.txt`` and ``localization.txt`` (one box per image, original pixels), as
+    wsolevaluation's CUB metadata. ``"openimages"``: val's and test's ``localization.txt`` list masks
+    instead (``<root>/masks/...png`` and an all-zero ignore map) and train has none, as its
+    OpenImages metadata.
+
+    Returns ``(data_root, metadata_root, mask_root)`` (mask_root None for boxes). Written once per
+    parameter set (reused when it exists)."""
+    if dataset not in ("cub", "ilsvrc", "openimages"):
+        raise ValueError(f"dataset must be 'cub', 'ilsvrc' or 'openimages'; got {dataset!r}")
+    if not (2 <= num_classes <= 32):
+        raise ValueError(f"num_classes must be in [2, 32]; got {num_classes}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32; got {image_size}")
+    counts = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
+    if any(v < 1 for v in counts.values()):
+        raise ValueError(f"split sizes must be >= 1; got {counts}")
+    params = dict(kind="wsol-standin", version=2, dataset=dataset, seed=int(seed), num_classes=int(num_classes),
+                  counts=counts, image_size=int(image_size))
+    masks = dataset == "openimages"
+
+    def writer(tmp_data, tmp_meta):
+        base = os.path.dirname(tmp_data)
+        images, mask_dir = os.path.join(base, "images"), os.path.join(base, "masks")
+        for split, n in counts.items():
+            lines = {k: [] for k in ("image_ids", "class_labels", "image_sizes", "localization")}
+            for i in range(n):
+                label = i % num_classes
+                rng = _rng(seed, split, i)
+                img, mask, _ = _render_synthetic(rng, image_size, label, num_classes, 3, (0.07, 0.09), "cub")
+                w, h = (int(round(image_size * f)) for f in rng.uniform(0.75, 1.25, size=2))
+                folder = f"{label + 1:03d}.Class_{label:02d}"
+                image_id = f"{folder}/Class_{label:02d}_{i:04d}_{_SPLIT_CODES[split]}.jpg"
+                path = os.path.join(images, image_id)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                Image.fromarray(img).resize((w, h), Image.BILINEAR).save(path, format="JPEG", quality=90)
+                m = np.asarray(Image.fromarray(np.where(mask, np.uint8(255), np.uint8(0))).resize((w, h),
+                                                                                                 Image.NEAREST)) > 127
+                lines["image_ids"].append(image_id)
+                lines["class_labels"].append(f"{image_id},{label}")
+                lines["image_sizes"].append(f"{image_id},{w},{h}")
+                if masks:
+                    stem = os.path.splitext(image_id)[0]
+                    _save_png(os.path.join(mask_dir, stem + "_mask.png"), np.where(m, np.uint8(255), np.uint8(0)))
+                    _save_png(os.path.join(mask_dir, stem + "_ignore.png"), np.zeros((h, w), np.uint8))
+                    lines["localization"].append(f"{image_id},{stem}_mask.png,{stem}_ignore.png")
+                else:
+                    ys, xs = np.nonzero(m)
+                    lines["localization"].append(f"{image_id},{xs.min()},{ys.min()},{xs.max()},{ys.max()}")
+            d = os.path.join(tmp_meta, split)
+            os.makedirs(d, exist_ok=True)
+            for name, ls in lines.items():
+                if name == "localization" and masks and split == "train":
+                    continue  # as wsolevaluation's OpenImages metadata: no masks for train
+                with open(os.path.join(d, name + ".txt"), "w") as fh:
+                    fh.write("".join(ln + "\n" for ln in ls))
+
+    final, _ = _params_dir(root, "standin", params)
+    _generate_once(root, "standin", params, lambda d, m: writer(d, m))
+    return (os.path.join(final, "images"), os.path.join(final, "metadata"),
+            os.path.join(final, "masks") if masks else None)
 
 
 # --------------------------------------------------------------------------------------

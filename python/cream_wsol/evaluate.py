@@ -542,7 +542,7 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "test", data_root: Opti
     ``select_on="val"``: sigma and tau are chosen on that split first
     (:func:`select_on_split`), then ``split`` is scored with them (``res["selection"]``).
     ``save_maps=DIR``: per-image maps, overlays, boxes and figures (:class:`MapSaver`)."""
-    from .train import load_trained
+    from .runs import load_trained
 
     model, emb, cfg = load_trained(checkpoint, device=device)
     ds = _open_split(cfg, split, data_root, metadata_root, mask_root, checkpoint)

@@ -241,6 +241,17 @@ class Bottleneck(nn.Module):
 class ResNet50CAM(CAMNet):
     arch = "resnet50"
     classifier_prefixes = ("layer4.", "fc.")
+    # wsolevaluation keeps the ImageNet fc of ResNet50 when the data set is ILSVRC (the same 1000
+    # classes in the same order) and re-initialises it otherwise (and for ACoL and SPG, whose heads
+    # differ). Here: the checkpoint's fc is kept when it fits this model's classifier, i.e. with 1000
+    # classes; a variant with another head sets this to False.
+    keep_imagenet_fc = True
+
+    def adapt_pretrained(self, state_dict):
+        keep = (self.keep_imagenet_fc and "fc.weight" in state_dict
+                and tuple(state_dict["fc.weight"].shape) == tuple(self.fc.weight.shape)
+                and tuple(state_dict.get("fc.bias", torch.empty(0)).shape) == tuple(self.fc.bias.shape))
+        return dict(state_dict) if keep else super().adapt_pretrained(state_dict)
 
     def __init__(self, num_classes: int, large_feature_map: bool = False):
         super().__init__(num_classes, 2048)

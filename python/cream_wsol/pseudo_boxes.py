@@ -138,7 +138,7 @@ def generate_pseudo_boxes(checkpoint: str, out_dir: str, *, split: str = "train"
     ``ddt``). ``tau`` None: chosen on the val split. Returns the metadata written to
     ``out_dir/pseudo_boxes.json`` (tau, GT-known of the boxes when the split has boxes, times)."""
     from .data import WSOLDataset
-    from .train import load_trained
+    from .runs import load_trained
 
     spec = spec or MapSpec("cream")
     model, emb, cfg = load_trained(checkpoint, device=device)

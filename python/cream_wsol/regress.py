@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .metrics import box_metrics  # noqa: F401  (public here too: CREAM_Reg's metric)
-from .train import ConfigMixin
+from .runs import (ConfigMixin, dist_setup, epoch_seed, load_checkpoint, load_trained, make_loader, progress_bar,
+                   resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state)
 
 __all__ = ["REGRESSOR_LR_NOTE", "regressor_lr", "RegressConfig", "BoxRegressor", "BoxDataset", "train_regressor", "load_regressor", "predict_boxes", "box_metrics",
            "evaluate_cream_reg", "REGRESSOR_CHECKPOINT"]
@@ -174,11 +175,8 @@ def train_regressor(cfg: RegressConfig, resume: Optional[str] = "auto",
     """Train (or continue) the box regressor; ``resume`` as :func:`cream_wsol.train.train`.
     Returns {"checkpoint", "log", "time_s", "rank", "world_size", "model"}."""
     from .data import WSOLDataset
-    from .train import (_dist_setup, _epoch_seed, _make_loader, _resolve_device, _rng_state, _seed_everything,
-                        _set_rng_state, _tqdm, load_checkpoint, save_checkpoint)
-
-    device = _resolve_device(cfg.device)
-    rank, world, own_group = _dist_setup(device)
+    device = resolve_device(cfg.device)
+    rank, world, own_group = dist_setup(device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()))))
         torch.cuda.set_device(device)
@@ -190,7 +188,7 @@ def train_regressor(cfg: RegressConfig, resume: Optional[str] = "auto",
         dataset = BoxDataset(base, flip=True)
         if resume == "auto":
             resume = ckpt_path if os.path.isfile(ckpt_path) else None
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         model = _build(cfg, None if resume else cfg.pretrained).to(device)
         optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.classifier_lr_mult, cfg.weight_decay),
                                     lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay,
@@ -220,7 +218,7 @@ def train_regressor(cfg: RegressConfig, resume: Optional[str] = "auto",
                 model, device_ids=[device.index] if device.type == "cuda" else None)
 
         def checkpoint(epoch: int, step_in_epoch: int) -> None:
-            rng = _rng_state()
+            rng = rng_state()
             states = [rng]
             if world > 1:
                 states = [None] * world
@@ -238,15 +236,15 @@ def train_regressor(cfg: RegressConfig, resume: Optional[str] = "auto",
         for epoch in range(start_epoch, cfg.epochs):
             skip = start_step if epoch == start_epoch else 0
             if rng_resume is not None and epoch == start_epoch and skip > 0:
-                _set_rng_state(rng_resume)
+                set_rng_state(rng_resume)
             else:
-                _seed_everything(_epoch_seed(cfg.seed, epoch, rank))
-            loader = _make_loader(dataset, cfg, epoch, rank, world, skip=skip)
+                seed_everything(epoch_seed(cfg.seed, epoch, rank))
+            loader = make_loader(dataset, cfg, epoch, rank, world, skip=skip)
             ddp_model.train()
             t_epoch = time.time()
             loss_sum, nsteps = 0.0, 0
             step_in_epoch = skip
-            bar = _tqdm(loader, total=len(loader), desc=f"regress {epoch + 1}/{cfg.epochs}",
+            bar = progress_bar(loader, total=len(loader), desc=f"regress {epoch + 1}/{cfg.epochs}",
                         disable=not (cfg.progress and is_main), leave=False)
             for images, target, _ in bar:
                 images, target = images.to(device), target.to(device)
@@ -288,8 +286,6 @@ def train_regressor(cfg: RegressConfig, resume: Optional[str] = "auto",
 
 def load_regressor(path: str, device: str = "cpu"):
     """(regressor in eval mode, RegressConfig) from a regressor checkpoint (file or folder)."""
-    from .train import load_checkpoint
-
     if os.path.isdir(path):
         path = os.path.join(path, REGRESSOR_CHECKPOINT)
     ck = load_checkpoint(path, map_location=device)
@@ -351,7 +347,6 @@ def evaluate_cream_reg(classifier_checkpoint: str, regressor_checkpoint: str, *,
     """CREAM_Reg on ``split``: class from the CAM classifier, box from the regressor. The images are
     resized to the regressor's input size, the boxes scored in that frame."""
     from .data import WSOLDataset
-    from .train import load_trained
 
     clf, _, ccfg = load_trained(classifier_checkpoint, device=device)
     reg, rcfg = load_regressor(regressor_checkpoint, device=device)

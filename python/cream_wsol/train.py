@@ -21,7 +21,7 @@ weights and embeddings bit for bit (data order and augmentation depend only on
 the seed, the epoch and the rank; with ``num_workers=0`` this also holds for a
 resume in the middle of an epoch).
 
-Long runs (docs/harness.md, "Training" and "A real-data session, end to end"):
+Long runs (docs/harness.md, "Training" and "A real-data session"):
 
 * SIGINT (Ctrl-C) or SIGTERM finishes the current step, writes the exact-resume
   checkpoint and raises :class:`TrainingInterrupted` after one line saying where
@@ -42,27 +42,29 @@ Long runs (docs/harness.md, "Training" and "A real-data session, end to end"):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import random
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import BatchSampler, DataLoader, Sampler
-from torch.utils.data.distributed import DistributedSampler
 
 from .models import CAMNet, build_model
+from .runs import (BEST_NAME, CHECKPOINT_NAME, ConfigMixin, TrainConfig,  # noqa: F401 (public here too)
+                   dist_setup, epoch_seed, load_checkpoint,
+                   load_trained, make_embeddings, make_loader, progress_bar, resolve_device, rng_state,
+                   save_checkpoint, seed_everything, set_rng_state)
+
+# the loop's helpers under their former private names (cream_wsol.runs has them now)
+_resolve_device, _dist_setup, _epoch_seed, _seed_everything = resolve_device, dist_setup, epoch_seed, seed_everything
+_rng_state, _set_rng_state, _make_loader, _tqdm, _make_embeddings = (rng_state, set_rng_state, make_loader,
+                                                                     progress_bar, make_embeddings)
 
 __all__ = [
     "TrainConfig",
@@ -79,9 +81,6 @@ __all__ = [
     "ResumeMismatchError",
     "TrainingInterrupted",
 ]
-
-CHECKPOINT_NAME = "checkpoint.pt"
-BEST_NAME = "best.pt"
 
 # Settings a resume must share with the checkpoint (everything that changes what the
 # remaining steps compute). ``epochs`` may grow; progress, device, workers, checkpoint
@@ -109,68 +108,6 @@ class TrainingInterrupted(Exception):
         self.signum, self.checkpoint, self.epoch, self.step = signum, checkpoint, epoch, step
 
 
-class ConfigMixin:
-    """replace / to_dict / from_dict for the harness's config dataclasses (TrainConfig,
-    regress.RegressConfig); from_dict ignores keys the class does not have."""
-
-    def replace(self, **kw):
-        return dataclasses.replace(self, **kw)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-@dataclass
-class TrainConfig(ConfigMixin):
-    """Everything a training run depends on (stored in each checkpoint)."""
-
-    dataset: str = "synthetic"  # a label for logs and reports
-    preset: str = ""  # the preset name the config came from ("" when built by hand)
-    data_root: str = ""
-    metadata_root: str = ""
-    mask_root: str = ""  # folder the val split's mask paths are relative to ("": data_root)
-    train_split: str = "train"
-    arch: str = "small"
-    pretrained: Optional[str] = None  # path to an ImageNet state dict, "package" (Lite0), or None
-    large_feature_map: bool = False
-    image_size: int = 224  # eval resize / train crop size
-    crop_size: Optional[int] = None  # passed to WSOLDataset (None: its default)
-    batch_size: int = 32
-    lr: float = 0.001
-    classifier_lr_mult: float = 10.0
-    sgd_momentum: float = 0.9
-    weight_decay: float = 1e-4
-    epochs: int = 50
-    lr_step: int = 15
-    lr_gamma: float = 0.1
-    cream_momentum: float = 0.8  # lambda of Eq. 4
-    cam_threshold: float = 0.2
-    embedding_init: str = "zeros"
-    seed: int = 0
-    num_workers: int = 0
-    out_dir: str = "runs/train"
-    ckpt_every_steps: int = 0  # also checkpoint every N steps (0: off)
-    ckpt_every_minutes: float = 10.0  # also checkpoint when this much time passed since the last (0: off)
-    check_files: bool = True  # header-check every file of the splits before training
-    val_split: Optional[str] = "val"  # validation split (None / "": no validation; skipped if absent)
-    val_every_epochs: int = 1  # validate after every N-th epoch (0: never at epoch ends)
-    val_every_steps: int = 0  # also validate every N steps (0: off)
-    val_max_images: Optional[int] = None  # cap on the val images (None: all)
-    val_curve_interval: float = 0.01  # tau step of the val MaxBoxAccV2 (evaluate uses 0.001)
-    max_steps_per_epoch: Optional[int] = None  # cap for CI-size runs
-    progress: bool = True
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    method: str = "cam"  # WSOL training method (methods.py, issue 9): cam | has | adl | cutmix
-    method_kwargs: Dict[str, float] = field(default_factory=dict)  # overrides of its defaults
-
-
-
 # The paper's schedules (section 4.1): batch 32, lr 1e-3 (classifier x10),
 # epochs / lr-step 50/15 (CUB), 6/2 (ILSVRC), 10/3 (OpenImages); resize 256,
 # random crop 224, horizontal flip.
@@ -189,6 +126,12 @@ PRESETS["synthetic"] = dict(
     epochs=12, lr_step=8, image_size=64, crop_size=None, weight_decay=1e-4, pretrained=None,
 )
 PRESETS["synthetic-quick"] = dict(PRESETS["synthetic"], epochs=2, lr_step=1)
+# The small CNN on the paper's data sets (``reproduce --arch small``): the data set's schedule and
+# input (epochs, lr step, 224 crop) with the synthetic preset's optimiser settings, from scratch.
+for _ds in _PAPER_SCHEDULES:
+    PRESETS[f"{_ds}-small"] = dict(PRESETS[f"{_ds}-vgg16"], arch="small", pretrained=None,
+                                   **{k: PRESETS["synthetic"][k] for k in ("batch_size", "lr", "classifier_lr_mult",
+                                                                          "weight_decay")})
 
 
 # presets that fine-tune ImageNet weights in the paper; without --pretrained they would
@@ -211,90 +154,6 @@ def preset(name: str, **overrides) -> TrainConfig:
 # --------------------------------------------------------------------------- #
 # helpers
 # --------------------------------------------------------------------------- #
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _dist_setup(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world_size, we_initialised). Initialises the default process group
-    from torchrun's environment when it is not initialised yet."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
-        return dist.get_rank(), dist.get_world_size(), True
-    return 0, 1, False
-
-
-def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return (int(seed) * 1_000_003 + int(epoch) * 10_007 + int(rank) * 101 + 12345) % (2**31 - 1)
-
-
-def _seed_everything(s: int) -> None:
-    random.seed(s)
-    np.random.seed(s % (2**32))
-    torch.manual_seed(s)
-
-
-def _rng_state() -> Dict[str, Any]:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: Dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def save_checkpoint(state: Dict[str, Any], path: str) -> None:
-    """torch.save to a temp file in the same folder, then os.replace (atomic)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
-    if os.path.isdir(path):
-        path = os.path.join(path, CHECKPOINT_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    # the checkpoint holds RNG states (numpy tuples) and the config dict
-    return torch.load(path, map_location=map_location, weights_only=False)
-
-
-class _SkipBatches(Sampler):
-    """Yield the batches of ``batch_sampler`` from index ``skip`` on (mid-epoch resume)."""
-
-    def __init__(self, batch_sampler: BatchSampler, skip: int):
-        self.batch_sampler = batch_sampler
-        self.skip = int(skip)
-
-    def __iter__(self) -> Iterator[List[int]]:
-        for i, b in enumerate(self.batch_sampler):
-            if i >= self.skip:
-                yield b
-
-    def __len__(self) -> int:
-        return max(0, len(self.batch_sampler) - self.skip)
-
 
 def _make_dataset(cfg: TrainConfig, split: str, train: bool):
     from .data import WSOLDataset
@@ -305,60 +164,10 @@ def _make_dataset(cfg: TrainConfig, split: str, train: bool):
     return WSOLDataset(cfg.data_root, cfg.metadata_root, split, train=train, **kw)
 
 
-def _batches_per_epoch(n: int, world: int, batch_size: int, cap: Optional[int]) -> tuple[int, bool]:
-    per_rank = math.ceil(n / world)
-    drop_last = per_rank >= batch_size
-    nb = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
-    if cap is not None:
-        nb = min(nb, int(cap))
-    return nb, drop_last
-
-
-def _make_loader(dataset, cfg: TrainConfig, epoch: int, rank: int, world: int, skip: int = 0,
-                 seed_offset: int = 0) -> DataLoader:
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.seed + seed_offset, drop_last=False)
-    sampler.set_epoch(epoch)
-    nb, drop_last = _batches_per_epoch(len(dataset), world, cfg.batch_size, cfg.max_steps_per_epoch)
-    bs = BatchSampler(sampler, cfg.batch_size, drop_last=drop_last)
-    capped = _Cap(bs, nb)
-    gen = torch.Generator()
-    gen.manual_seed(_epoch_seed(cfg.seed + seed_offset, epoch, rank))
-    return DataLoader(dataset, batch_sampler=_SkipBatches(capped, skip), num_workers=cfg.num_workers,
-                      generator=gen, persistent_workers=False)
-
-
-class _Cap(Sampler):
-    def __init__(self, bs, n):
-        self.bs, self.n = bs, int(n)
-
-    def __iter__(self):
-        for i, b in enumerate(self.bs):
-            if i >= self.n:
-                return
-            yield b
-
-    def __len__(self):
-        return self.n
-
-
-def _tqdm(iterable=None, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, dynamic_ncols=True, **kw)
-
 
 def _unwrap(model: nn.Module) -> CAMNet:
     return model.module if hasattr(model, "module") else model
 
-
-def _make_embeddings(num_classes: int, dim: int, momentum: float, cam_threshold: float, init: str, seed: int):
-    from cream_kernels import ContextEmbeddings
-
-    # the same seed on every rank, so a random init is identical everywhere
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 7919)
-        return ContextEmbeddings(num_classes, dim, momentum=momentum, cam_threshold=cam_threshold, init=init)
 
 
 # --------------------------------------------------------------------------- #
@@ -840,20 +649,6 @@ def _copy_atomic(src: str, dst: str) -> None:
 # --------------------------------------------------------------------------- #
 # loading a trained model, re-learning embeddings with a frozen model
 # --------------------------------------------------------------------------- #
-def load_trained(path: str, device: str = "cpu"):
-    """(model in eval mode, ContextEmbeddings, TrainConfig) from a checkpoint."""
-    ck = load_checkpoint(path, map_location=device)
-    cfg = TrainConfig.from_dict(ck["config"])
-    model = build_model(cfg.arch, ck["num_classes"], large_feature_map=cfg.large_feature_map,
-                        **cfg.model_kwargs)
-    model.load_state_dict(ck["model"])
-    model.to(device).eval()
-    emb = _make_embeddings(ck["num_classes"], model.feature_dim, cfg.cream_momentum, cfg.cam_threshold,
-                           cfg.embedding_init, cfg.seed)
-    emb.load_state_dict(ck["embeddings"])
-    return model, emb.to(device), cfg
-
-
 @torch.no_grad()
 def learn_embeddings(model: CAMNet, dataset, momenta: Sequence[float], *, init: str = "random",
                      cam_threshold: float = 0.2, batch_size: int = 32, epochs: int = 1, seed: int = 0,
