@@ -506,6 +506,10 @@ class _Validator:
 # --------------------------------------------------------------------------- #
 def _check_config(cfg: TrainConfig) -> None:
     """ValueError naming the setting for values the loop cannot use."""
+    for name in ("epochs", "batch_size", "image_size"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r} ({type(v).__name__})")
     for name in ("ckpt_every_steps", "val_every_epochs", "val_every_steps"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -843,6 +847,12 @@ def _copy_atomic(src: str, dst: str) -> None:
 def load_trained(path: str, device: str = "cpu"):
     """(model in eval mode, ContextEmbeddings, TrainConfig) from a checkpoint."""
     ck = load_checkpoint(path, map_location=device)
+    fmt = ck.get("format") if isinstance(ck, dict) else None
+    if fmt != "cream_wsol.checkpoint/1":
+        what = ("a box-regressor checkpoint (cream-wsol regress)" if fmt == "cream_wsol.regressor/1"
+                else f"of format {fmt!r}" if fmt else "a plain state dict or another program's file")
+        raise ValueError(f"{path} is {what}, not a training checkpoint (format 'cream_wsol.checkpoint/1'); "
+                         "give the checkpoint.pt written by cream-wsol train")
     cfg = TrainConfig.from_dict(ck["config"])
     model = build_model(cfg.arch, ck["num_classes"], large_feature_map=cfg.large_feature_map,
                         **cfg.model_kwargs)
