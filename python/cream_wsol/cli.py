@@ -216,18 +216,26 @@ def _arch_name(arg: str, name: Optional[str]) -> Optional[str]:
                        f"(aliases: {', '.join(sorted(_ALIASES))})") from None
 
 
-def _check_pretrained(arg: str, path: Optional[str], arch: str, large_feature_map: bool) -> None:
+def _check_pretrained(arg: str, path: Optional[str], arch: str, large_feature_map: bool, **model_kwargs) -> None:
     """A --pretrained file that exists and fits ``arch`` (checked on the meta device: no weights built)."""
     from .models import check_pretrained
 
-    if not path or path == "package":
-        if path == "package" and arch != "efficientnet_lite0":
+    if not path:
+        return
+    if path == "package":
+        if arch != "efficientnet_lite0":
             raise ArgError(f"{arg}: 'package' (the pip-shipped ImageNet weights) exists for efficientnet_lite0 "
                            f"only, not for {arch}; give a torchvision-format state dict file")
+        from .models import efficientnet_lite0_weights_path
+
+        try:
+            efficientnet_lite0_weights_path()
+        except ImportError as exc:
+            raise ArgError(f"{arg}: {exc}") from None
         return
     _argcheck.existing_file(arg, path, f"ImageNet state dict of {arch} (torchvision format)")
     try:
-        check_pretrained(arch, path, large_feature_map=large_feature_map)
+        check_pretrained(arch, path, large_feature_map=large_feature_map, **model_kwargs)
     except ValueError as exc:
         raise ArgError(f"{arg}: {exc}") from None
 
@@ -293,7 +301,7 @@ def _cmd_train(a) -> int:
                        f"{_TORCHVISION_FILES[cfg.arch]}) or --no-pretrained to train from random weights")
     _check_data_roots(a, cfg.train_split)
     _check_pretrained("--pretrained", cfg.pretrained if not a.no_pretrained else None, cfg.arch,
-                      cfg.large_feature_map)
+                      cfg.large_feature_map, **cfg.model_kwargs)
     if a.resume:
         ck = _argcheck.training_checkpoint("--resume", a.resume)
         ck_arch = ck.get("arch") or ck.get("config", {}).get("arch")
@@ -447,7 +455,7 @@ def _cmd_regress(a) -> int:
         cfg = cfg.replace(pretrained=None)
     elif a.pretrained:
         cfg = cfg.replace(pretrained=a.pretrained)
-    _check_pretrained("--pretrained", cfg.pretrained, cfg.arch, False)
+    _check_pretrained("--pretrained", cfg.pretrained, cfg.arch, cfg.large_feature_map, **cfg.model_kwargs)
     summary = train_regressor(cfg, resume=None if a.no_resume else "auto")
     if summary["rank"] != 0:
         return 0

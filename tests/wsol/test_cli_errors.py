@@ -105,6 +105,8 @@ ROWS = [
     ("train-data-root-alone", TRAIN + ["--data-root", "{data}"], ["--data-root", "--metadata-root"]),
     ("train-real-preset-no-data", ["train", "--preset", "cub-resnet50"], ["--data-root", "synthetic"]),
     ("train-pretrained-missing", TRAIN + ["--pretrained", "{missing}"], ["--pretrained", "does not exist"]),
+    ("train-pretrained-package-not-lite0", TRAIN + ["--pretrained", "package"],
+     ["--pretrained", "efficientnet_lite0", "state dict file"]),
     # train: a checkpoint / state dict of another arch
     ("train-pretrained-vgg16bn-as-vgg16", TRAIN + ["--arch", "vgg16", "--pretrained", "{vgg16bn}"],
      ["--pretrained", "13 conv and 13 batch-norm", "vgg16"]),
