@@ -352,6 +352,8 @@ def _cmd_evaluate(a) -> int:
         raise ArgError(f"--select-on: {a.select_on!r} is the evaluated --split itself; choose sigma and tau on "
                        "another split (e.g. --select-on val --split test)")
     _check_data_roots(a, a.split)
+    if a.select_on:
+        _check_data_roots(a, a.select_on)
     _argcheck.training_checkpoint("checkpoint", a.checkpoint)  # a file of the right kind, before the data
     targets = ["gt", "pred"] if a.target == "both" else [a.target]
     specs = {}

@@ -171,16 +171,16 @@ def _without_flat_warning():
     or too large; the timing and the issue-9 parts use sigma=8 on models that --quick
     barely trains) give flat posteriors as a result the tables show, not as a mistake
     the user can fix with sigma='auto': em_reactivate's FlatPosteriorWarning stays
-    quiet, and its once-per-process flag is left as it was (a later call still warns)."""
+    quiet, and its once-per-process flags are left as they were (a later call still warns)."""
     from cream_kernels import FlatPosteriorWarning, ops
 
-    before = ops._FLAT["warned"]
+    before = dict(ops._FLAT)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FlatPosteriorWarning)
             yield
     finally:
-        ops._FLAT["warned"] = before
+        ops._FLAT.update(before)
 
 
 def _t_name(t: int) -> str:

@@ -133,6 +133,8 @@ ROWS = [
     ("evaluate-metadata-root-missing", EVAL + ["--metadata-root", "{missing}"], ["--metadata-root", "does not exist"]),
     ("evaluate-split-unknown", EVAL + ["--metadata-root", "{meta}", "--split", "tset"],
      ["--metadata-root", "tset", "test", "train", "val"]),
+    ("evaluate-select-on-unknown", EVAL + ["--metadata-root", "{meta}", "--select-on", "vla"],
+     ["--metadata-root", "vla", "val"]),
     # pseudo-boxes
     ("pseudo-missing-checkpoint", ["pseudo-boxes", "{missing}", "--out", "{out}"], ["checkpoint", "does not exist"]),
     ("pseudo-regressor-checkpoint", ["pseudo-boxes", "{regck}", "--out", "{out}"], ["checkpoint", "regressor"]),
