@@ -456,9 +456,18 @@ def _eager(*tensors: Optional[Tensor]) -> bool:
 
 
 _FLAT = {"warned": False, "cuda_checked": False}
+_FLAT_ADVICE = {
+    False: "The temperature does not fit these features' scale: try sigma='auto' (or a sigma near the spread "
+           "of (v_fg - v_bg) . f).",
+    # sigma='auto' already scales the temperature to each image's logit gaps, so a flat
+    # posterior means the foreground and background embeddings barely differ on these features
+    True: "sigma='auto' is in use, so the temperature already follows these features' scale: the foreground and "
+          "background centroids barely differ on them. Check that the features are the map the classifier pools "
+          "(the CAM's layer) and that the CAM mask (cam_threshold) leaves both a foreground and a background.",
+}
 
 
-def _maybe_warn_flat(z: Tensor) -> None:
+def _maybe_warn_flat(z: Tensor, sigma_auto: bool = False) -> None:
     """Warn once per process when every posterior of a batch lies in [0.45, 0.55].
     CPU tensors are checked on every eager call until it fires; CUDA tensors only
     on the first eager CUDA call (the check reads two numbers back, a sync), and
@@ -475,8 +484,7 @@ def _maybe_warn_flat(z: Tensor) -> None:
         warnings.warn(
             f"em_reactivate: every foreground posterior of this batch lies within [0.45, 0.55] ({float(lo):.4f}.."
             f"{float(hi):.4f}): the EM barely separated foreground from background, and CREAM's map is then about the "
-            "CAM + 0.5. The temperature does not fit these features' scale: try sigma='auto' (or a sigma near the spread "
-            "of (v_fg - v_bg) . f). Shown once per process.",
+            "CAM + 0.5. " + _FLAT_ADVICE[bool(sigma_auto)] + " Shown once per process.",
             FlatPosteriorWarning,
             stacklevel=3,
         )
@@ -571,7 +579,8 @@ def _check_em_embeddings(fg, bg, labels, features: Tensor, K: int, k_form: bool)
         _need_tensor(name, e)
         _check_float(name, e)
     if fg.shape != bg.shape:
-        raise ValueError(f"fg_embedding and bg_embedding must have the same shape; got {tuple(fg.shape)} and {tuple(bg.shape)}")
+        raise ValueError(f"fg_embedding and bg_embedding must have the same shape; got fg_embedding {_desc(fg)} "
+                         f"and bg_embedding {_desc(bg)}")
     if labels is not None:
         if fg.dim() != 2 or fg.shape[1] != d:
             raise ValueError(f"fg_embedding must have shape [C, d] = [C, {d}] (a table indexed by labels) to match "
@@ -732,7 +741,7 @@ def em_reactivate(
     )
     if _eager(*args[:6]):
         res = _em_impl(*args)
-        _maybe_warn_flat(res[1])
+        _maybe_warn_flat(res[1], sigma_auto)
     else:
         res = torch.ops.cream_kernels.em_reactivate(*args)
     lead = (B, K) if k_form else (B,)
@@ -781,7 +790,8 @@ def _check_tables(fg_embedding, bg_embedding, d: int, features: Tensor) -> None:
         if not e.is_contiguous():
             raise ValueError(f"{name} must be contiguous (it is updated in place); got {_desc(e)}, strides {e.stride()}")
     if fg_embedding.shape != bg_embedding.shape:
-        raise ValueError(f"fg_embedding and bg_embedding must have the same shape; got {tuple(fg_embedding.shape)} and {tuple(bg_embedding.shape)}")
+        raise ValueError(f"fg_embedding and bg_embedding must have the same shape; got fg_embedding "
+                         f"{_desc(fg_embedding)} and bg_embedding {_desc(bg_embedding)}")
     same = fg_embedding is bg_embedding or (
         not torch.compiler.is_compiling() and fg_embedding.numel() > 0 and fg_embedding.data_ptr() == bg_embedding.data_ptr()
     )

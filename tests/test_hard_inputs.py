@@ -194,6 +194,29 @@ def test_flat_posteriors_warn_once(monkeypatch):
     assert flat[0].filename == __file__  # points at the caller
 
 
+def test_flat_posterior_advice_fits_the_sigma_in_use(monkeypatch):
+    """With sigma='auto' already in use the warning must not advise it (issue 22)."""
+    f, cam, fg, bg, labels = make_inputs(2, 9, 4, 4)
+    seen_auto = []
+    real = ops._maybe_warn_flat
+    monkeypatch.setattr(ops, "_maybe_warn_flat", lambda z, sigma_auto=False: (seen_auto.append(sigma_auto),
+                                                                               real(z, sigma_auto))[1])
+    ck.em_reactivate(f, cam, fg, bg, labels, sigma="auto", backend="cpu")
+    ck.em_reactivate(f, cam, fg, bg, labels, sigma=8.0, backend="cpu")
+    assert seen_auto == [True, False]  # the op tells the check which sigma it ran
+    flat = torch.full((2, 4, 4), 0.5)
+    messages = {}
+    for auto in (True, False):
+        monkeypatch.setitem(ops._FLAT, "warned", False)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            real(flat, auto)
+        (w,) = seen
+        messages[auto] = str(w.message)
+    assert "try sigma='auto'" in messages[False]
+    assert "try sigma='auto'" not in messages[True] and "sigma='auto' is in use" in messages[True]
+
+
 # --------------------------------------------------------------------------- shapes users pass
 @pytest.mark.parametrize("backend,device", BACKENDS, ids=backend_ids(BACKENDS))
 def test_cam_with_singleton_class_axis(backend, device):

@@ -28,6 +28,9 @@ EM_BAD = [
     ("emb wrong d", dict(fg_embedding=torch.randn(3, 7), bg_embedding=torch.randn(3, 7)), ValueError, ["fg_embedding", "(3, 7)"]),
     ("emb 1-D", dict(fg_embedding=torch.randn(8), bg_embedding=torch.randn(8)), ValueError, ["fg_embedding", "(8,)"]),
     ("emb shapes differ", dict(bg_embedding=torch.randn(4, 8)), ValueError, ["bg_embedding", "(4, 8)"]),
+    # issue 22: the contract is the argument, its shape and its dtype
+    ("emb shapes and dtypes differ", dict(bg_embedding=torch.randn(4, 8, dtype=torch.float64)), ValueError,
+     ["fg_embedding shape (3, 8) and dtype torch.float32", "bg_embedding shape (4, 8) and dtype torch.float64"]),
     ("emb one missing", dict(bg_embedding=None), ValueError, ["bg_embedding"]),
     ("emb per image wrong B", dict(fg_embedding=torch.randn(3, 8), bg_embedding=torch.randn(3, 8), labels=None), ValueError, ["fg_embedding", "[2, 8]"]),
     ("emb int", dict(fg_embedding=torch.ones(3, 8, dtype=torch.long)), TypeError, ["fg_embedding", "int64"]),
@@ -96,6 +99,8 @@ UPDATE_BAD = [
     ("table float64", dict(fg_embedding=torch.zeros(3, 8, dtype=torch.float64)), TypeError, ["fg_embedding", "float64"]),
     ("table wrong d", dict(bg_embedding=torch.zeros(3, 5), fg_embedding=torch.zeros(3, 5)), ValueError, ["fg_embedding", "(3, 5)"]),
     ("table non-contiguous", dict(fg_embedding=torch.zeros(8, 3).t()), ValueError, ["fg_embedding", "contiguous"]),
+    ("tables' shapes differ", dict(bg_embedding=torch.zeros(4, 8)), ValueError,
+     ["fg_embedding shape (3, 8) and dtype torch.float32", "bg_embedding shape (4, 8) and dtype torch.float32"]),
     ("same table twice", "same", ValueError, ["different"]),
     ("labels out of range", dict(labels=torch.tensor([0, 3])), ValueError, ["labels", "[0, 3)"]),
     ("labels float", dict(labels=torch.tensor([0.0, 1.0])), TypeError, ["labels", "float32"]),

@@ -36,7 +36,10 @@ class CREAMOutput(NamedTuple):
 
     maps     float32 [B, K, H, W]: the CREAM map of each image and class, at the
              input image's size (H, W), min-max normalised per map to [0, 1]
-             (a constant or non-finite map becomes all zeros, as in the metrics).
+             (a non-finite map becomes all zeros, and so does one that is
+             constant after the upsampling; a raw map that is constant at feature
+             size usually is not: the bicubic resize leaves float32 rounding noise,
+             which the min-max stretches to [0, 1], as in the metrics).
     classes  int64 [B, K]: the class of each map (the targets, or the top-k
              predicted classes in descending logit order).
     logits   [B, C]: the classifier's output for the batch (the model's dtype).
@@ -131,6 +134,9 @@ class CREAM:
     Args:
         model: the classifier, an ``nn.Module`` whose ``model(images)`` runs
             ``target_layer``, then global average pooling and a linear layer.
+            Any other head (torchvision's VGG16: an MLP) works when each call
+            gives both ``cams=`` and ``targets=``: the classifier weight is then
+            never used, and the logits are the model's output.
         target_layer: the layer whose output [B, d, h, w] is the CAM feature map
             (the map GAP pools), a module of ``model`` or its dotted name (e.g.
             ``"layer4"`` for a torchvision-style ResNet). It must run once per
@@ -187,7 +193,9 @@ class CREAM:
             the same result. Give ``targets`` = the classes the maps were computed
             for (they pick the embedding rows and are reported); without them the
             maps are taken as those of the top-K predicted classes (what torchcam
-            and pytorch-grad-cam use by default).
+            and pytorch-grad-cam use by default). With ``cams`` and ``targets``
+            both given no GAP + linear head is needed (none is looked for when
+            ``classifier`` is not given and none fits).
         return_extras: also return the op's extras (``CREAMOutput.extras``).
 
     Example:
@@ -307,8 +315,12 @@ class CREAM:
         raise TypeError("embeddings must be None, a cream_kernels.ContextEmbeddings or a pair (fg, bg) "
                         f"of [C, d] tensors; got {type(embeddings).__name__}")
 
-    def _run_model(self, images: Tensor):
-        """One forward; returns (features [B, d, h, w], logits [B, C], weight [C, d])."""
+    def _run_model(self, images: Tensor, need_head: bool = True):
+        """One forward; returns (features [B, d, h, w], logits [B, C], weight [C, d]).
+
+        ``need_head=False`` (the caller gives the CAMs and the targets): a head that
+        is not found is no error; the weight is then None and the logits are the
+        model's output."""
         model = self.model
         feats: List[Tensor] = []
         versions: List[Optional[int]] = []
@@ -367,6 +379,11 @@ class CREAM:
         if not isinstance(f, Tensor) or f.dim() != 4 or not f.dtype.is_floating_point:
             got = _desc(f) if isinstance(f, Tensor) else type(f).__name__
             raise ValueError(f"the output of {where} must be a float feature map [B, d, h, w]; got {got}")
+        if f.shape[2] * f.shape[3] == 1:
+            raise ValueError(f"the output of {where} has shape {tuple(f.shape)}: a 1x1 map has no spatial "
+                             "extent to localize (the maps would be 0.5 everywhere); give the layer before "
+                             "global average pooling (the last feature map, e.g. 'layer4' of a ResNet, "
+                             "'features' of a VGG)")
         if self.target_layer is not None and _changed(f, versions[0]):
             raise ValueError(f"the output of {where} was modified in place later in the forward (e.g. by "
                              "nn.ReLU(inplace=True)), so it is not the map the head pools; give the module "
@@ -376,7 +393,12 @@ class CREAM:
             raise ValueError(f"the output of {where} has batch {f.shape[0]} but images have {B}")
         d = f.shape[1]
         if discover:
-            name = self._discover(f, linear_io, out, where)
+            try:
+                name = self._discover(f, linear_io, out, where)
+            except ValueError:
+                if need_head:
+                    raise
+                return f, self._model_logits(out, B), None  # cams and targets given: no head needed
             self._classifier_module = dict(model.named_modules())[name]
             self.classifier_name = name
         if self._classifier_module is not None:
@@ -398,6 +420,17 @@ class CREAM:
         if logits.dim() != 2 or tuple(logits.shape) != (B, C):
             raise ValueError(f"the logits must be [B, C] = [{B}, {C}]; got {_desc(logits)}")
         return f, logits, weight
+
+    @staticmethod
+    def _model_logits(out, B: int) -> Tensor:
+        logits = _first_tensor(out)
+        if isinstance(out, dict):
+            logits = next((t for t in out.values() if isinstance(t, Tensor)), None)
+        if logits is None or logits.dim() != 2 or logits.shape[0] != B:
+            got = _desc(logits) if isinstance(logits, Tensor) else type(out).__name__
+            raise ValueError(f"model(images) must return the logits [B, C] with B = {B} (or a tuple, list or "
+                             f"dict holding them first); got {got}")
+        return logits
 
     def _discover(self, f: Tensor, linear_io: dict, out, where: str) -> str:
         B, d = f.shape[:2]
@@ -444,9 +477,11 @@ class CREAM:
                  "model.eval()." if self.model.training else "")
         raise ValueError(
             f"CREAM needs a head of global average pooling + nn.Linear over the output of {where} "
-            f"({shape}), and found no such linear layer. Linear layers: {found}.{train} Pass "
-            "classifier= (an nn.Linear, its name, or a weight [C, d]) if the head is equivalent, "
-            "or pick the target_layer whose output the head pools.")
+            f"({shape}) to compute the CAMs and rank the classes, and found no such linear layer. Linear "
+            f"layers: {found}.{train} Pass classifier= (an nn.Linear, its name, or a weight [C, d]) if the "
+            "head is equivalent, or pick the target_layer whose output the head pools. A model with another "
+            "head (e.g. torchvision's VGG, an MLP) needs none when you give both the starting maps and their "
+            "classes: cream(images, cams=<Grad-CAM etc. from torchcam or pytorch-grad-cam>, targets=<classes>).")
 
     # ------------------------------------------------------------------ inputs
     @staticmethod
@@ -544,9 +579,11 @@ class CREAM:
             warnings.warn("CREAM: the model is in training mode (dropout, batch-norm statistics move); "
                           "call model.eval() for inference maps", stacklevel=2)
             self._warned_training = True
-        f, logits, weight = self._run_model(images)
+        # with the starting maps and their classes given, the classifier weight is never
+        # used: a model with any head (torchvision's VGG: an MLP) works
+        f, logits, weight = self._run_model(images, need_head=cams is None or targets is None)
         B, d, h, w = f.shape
-        C = weight.shape[0]
+        C = weight.shape[0] if weight is not None else logits.shape[1]
         c = None if cams is None else self._prepare_cams(cams, B, h, w, f.device)
         classes = self._classes(targets, logits, top_k, None if c is None else c.shape[1])
         K = classes.shape[1]

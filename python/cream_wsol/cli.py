@@ -25,12 +25,15 @@ import os
 import sys
 from typing import List, Optional
 
+from . import _argcheck
+from ._argcheck import ArgError, int_at_least, number_in, sigma_value
+
 __all__ = ["main", "build_parser"]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -55,29 +58,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "vgg16, resnet50 and inceptionv3 unless --no-pretrained is given")
     t.add_argument("--no-pretrained", action="store_true", help="random init (even if the preset has weights)")
     t.add_argument("--large-feature-map", action="store_true", help="28x28 CAM at 224 instead of 14x14")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--lr-step", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--image-size", type=int, help="eval frame S (S x S); alone it also sets the train crop")
-    t.add_argument("--crop-size", type=int, help="train crop (default: the image size)")
-    t.add_argument("--lambda", dest="cream_momentum", type=float, help="context embedding momentum (0.8)")
+    t.add_argument("--epochs", type=int_at_least(1))
+    t.add_argument("--lr", type=number_in(0, lo_open=True))
+    t.add_argument("--lr-step", type=int_at_least(1))
+    t.add_argument("--batch-size", type=int_at_least(1))
+    t.add_argument("--image-size", type=int_at_least(1), help="eval frame S (S x S); alone it also sets the train crop")
+    t.add_argument("--crop-size", type=int_at_least(1), help="train crop (default: the image size)")
+    t.add_argument("--lambda", dest="cream_momentum", type=number_in(0, 1),
+                   help="context embedding momentum (0.8)")
     t.add_argument("--embedding-init", choices=["zeros", "random"])
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--num-workers", type=int)
-    t.add_argument("--ckpt-every-minutes", type=float,
+    t.add_argument("--num-workers", type=int_at_least(0))
+    t.add_argument("--ckpt-every-minutes", type=number_in(0),
                    help="also checkpoint when this many minutes passed since the last checkpoint "
                         "(default 10; 0: off). SIGINT/SIGTERM always checkpoint before stopping")
-    t.add_argument("--ckpt-every-steps", type=int, help="also checkpoint every N steps (default: off)")
+    t.add_argument("--ckpt-every-steps", type=int_at_least(0), help="also checkpoint every N steps (default: off)")
     t.add_argument("--no-file-check", action="store_true",
                    help="skip the pre-flight header check of every image/mask file of the splits")
     t.add_argument("--mask-root", help="folder the val split's mask paths are relative to (default: --data-root)")
     t.add_argument("--val-split", help="split validated during training (default: val; skipped if absent)")
-    t.add_argument("--val-every-epochs", type=int, help="validate after every N-th epoch (default 1; 0: never)")
-    t.add_argument("--val-every-steps", type=int, help="also validate every N steps (default: off)")
-    t.add_argument("--val-max-images", type=int, help="validate on the first N images of the split only")
+    t.add_argument("--val-every-epochs", type=int_at_least(0), help="validate after every N-th epoch (default 1; 0: never)")
+    t.add_argument("--val-every-steps", type=int_at_least(0), help="also validate every N steps (default: off)")
+    t.add_argument("--val-max-images", type=int_at_least(1), help="validate on the first N images of the split only")
     t.add_argument("--no-val", action="store_true", help="no validation during training")
-    t.add_argument("--max-steps-per-epoch", type=int, help="cap the steps per epoch (smoke runs)")
+    t.add_argument("--max-steps-per-epoch", type=int_at_least(1), help="cap the steps per epoch (smoke runs)")
     t.add_argument("--out", default="runs/train", help="output folder (checkpoint.pt, train_log.jsonl)")
     t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     t.add_argument("--resume", help="resume from this checkpoint (default: <out>/checkpoint.pt if present)")
@@ -93,14 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     pb.add_argument("checkpoint", help="CREAM_Base checkpoint.pt (or its folder)")
     pb.add_argument("--split", default="train")
     pb.add_argument("--out", required=True, help="output metadata folder (gets <split>/localization.txt)")
-    pb.add_argument("--input-size", type=int, help="image side (default: 448 for cub/ilsvrc/openimages, "
+    pb.add_argument("--input-size", type=int_at_least(16), help="image side (default: 448 for cub/ilsvrc/openimages, "
                     "else the training size)")
-    pb.add_argument("--tau", type=float, help="fixed threshold (default: val MaxBoxAccV2 tau at IoU 50)")
+    pb.add_argument("--tau", type=number_in(0, 1), help="fixed threshold (default: val MaxBoxAccV2 tau at IoU 50)")
     pb.add_argument("--ddt", action="store_true", help="also write DDT's boxes to <out>/ddt (Table 6 baseline)")
     pb.add_argument("--data-root")
     pb.add_argument("--metadata-root")
-    pb.add_argument("--batch-size", type=int, default=32)
-    pb.add_argument("--curve-interval", type=float, default=0.001)
+    pb.add_argument("--batch-size", type=int_at_least(1), default=32)
+    pb.add_argument("--curve-interval", type=number_in(0, 1, lo_open=True, hi_open=True), default=0.001)
     _add_common(pb)
 
     # ---- regress (issue 9) ----------------------------------------------------------------
@@ -111,14 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     rg.add_argument("--arch")
     rg.add_argument("--pretrained")
     rg.add_argument("--no-pretrained", action="store_true")
-    rg.add_argument("--epochs", type=int)
-    rg.add_argument("--lr", type=float)
-    rg.add_argument("--lr-step", type=int)
-    rg.add_argument("--batch-size", type=int)
-    rg.add_argument("--image-size", type=int, help="regressor input side (default: the pseudo boxes' size)")
+    rg.add_argument("--epochs", type=int_at_least(1))
+    rg.add_argument("--lr", type=number_in(0, lo_open=True))
+    rg.add_argument("--lr-step", type=int_at_least(1))
+    rg.add_argument("--batch-size", type=int_at_least(1))
+    rg.add_argument("--image-size", type=int_at_least(16), help="regressor input side (default: the pseudo boxes' size)")
     rg.add_argument("--seed", type=int, default=0)
-    rg.add_argument("--ckpt-every-steps", type=int)
-    rg.add_argument("--max-steps-per-epoch", type=int)
+    rg.add_argument("--ckpt-every-steps", type=int_at_least(0))
+    rg.add_argument("--max-steps-per-epoch", type=int_at_least(1))
     rg.add_argument("--out", default="runs/regress")
     rg.add_argument("--no-resume", action="store_true")
     rg.add_argument("--evaluate", metavar="CKPT", help="then score CREAM_Reg on --eval-split with this "
@@ -138,12 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of cam, cream, calibrated, free, free_calibrated (default: cam,cream,free)")
     e.add_argument("--target", default="gt", choices=["gt", "pred", "both"],
                    help="class whose map is scored: ground truth, predicted, or both")
-    e.add_argument("--iters", type=int, default=2, help="EM iterations T (default 2)")
-    e.add_argument("--sigma", type=float, default=8.0)
+    e.add_argument("--iters", type=int_at_least(0), default=2, help="EM iterations T (default 2; 0: the CAM)")
+    e.add_argument("--sigma", type=sigma_value, default=8.0,
+                   help="similarity temperature: a number > 0, or 'auto' (fitted per image; default 8)")
     e.add_argument("--similarity", default="dot", choices=["dot", "cosine"])
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--curve-interval", type=float, default=0.001, help="tau step (wsolevaluation: 0.001)")
-    e.add_argument("--max-images", type=int)
+    e.add_argument("--batch-size", type=int_at_least(1), default=32)
+    e.add_argument("--curve-interval", type=number_in(0, 1, lo_open=True, hi_open=True), default=0.001,
+                   help="tau step (wsolevaluation: 0.001)")
+    e.add_argument("--max-images", type=int_at_least(1))
     e.add_argument("--select-on", metavar="SPLIT",
                    help="choose sigma and tau on this split (e.g. val), then score --split with them "
                         "(wsolevaluation's protocol)")
@@ -193,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+MAP_KINDS = ("cam", "cream", "calibrated", "free", "free_calibrated")
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ArgError(f"--device: {name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+
+
 def _device(name: str) -> str:
     import torch
 
@@ -205,11 +225,78 @@ _TORCHVISION_FILES = {"vgg16": "vgg16-397923af.pth", "resnet50": "resnet50-0676b
                       "inceptionv3": "inception_v3_google-0cc3c7bd.pth"}
 
 
+def _arch_name(arg: str, name: Optional[str]) -> Optional[str]:
+    """The canonical architecture name, or ArgError listing the accepted ones."""
+    from .models import _ALIASES, ARCHITECTURES, canonical_arch
+
+    if name is None:
+        return None
+    try:
+        return canonical_arch(name)
+    except ValueError:
+        raise ArgError(f"{arg}: unknown architecture {name!r}; expected one of {', '.join(sorted(ARCHITECTURES))} "
+                       f"(aliases: {', '.join(sorted(_ALIASES))})") from None
+
+
+def _check_pretrained(arg: str, path: Optional[str], arch: str, large_feature_map: bool, **model_kwargs) -> None:
+    """A --pretrained file that exists and fits ``arch`` (checked on the meta device: no weights built)."""
+    from .models import check_pretrained
+
+    if not path:
+        return
+    if path == "package":
+        if arch != "efficientnet_lite0":
+            raise ArgError(f"{arg}: 'package' (the pip-shipped ImageNet weights) exists for efficientnet_lite0 "
+                           f"only, not for {arch}; give a torchvision-format state dict file")
+        from .models import efficientnet_lite0_weights_path
+
+        try:
+            efficientnet_lite0_weights_path()
+        except ImportError as exc:
+            raise ArgError(f"{arg}: {exc}") from None
+        return
+    _argcheck.existing_file(arg, path, f"ImageNet state dict of {arch} (torchvision format)")
+    try:
+        check_pretrained(arch, path, large_feature_map=large_feature_map, **model_kwargs)
+    except ValueError as exc:
+        raise ArgError(f"{arg}: {exc}") from None
+
+
+def _check_data_roots(a, split: Optional[str]) -> None:
+    """Given --data-root / --metadata-root / --mask-root are folders; the metadata holds ``split``."""
+    _argcheck.existing_dir("--data-root", a.data_root, "folder the image ids are relative to")
+    _argcheck.existing_dir("--metadata-root", a.metadata_root, "wsolevaluation metadata folder (holds train/, "
+                           "val/, test/)")
+    _argcheck.existing_dir("--mask-root", getattr(a, "mask_root", None), "folder the mask paths are relative to")
+    if a.metadata_root and split:
+        ids = os.path.join(a.metadata_root, split, "image_ids.txt")
+        if not os.path.isfile(ids):
+            have = sorted(d for d in os.listdir(a.metadata_root)
+                          if os.path.isfile(os.path.join(a.metadata_root, d, "image_ids.txt")))
+            raise ArgError(f"--metadata-root: {a.metadata_root!r} has no {split}/image_ids.txt (split {split!r}); "
+                           f"its splits: {', '.join(have) or 'none'}")
+
+
 def _cmd_train(a) -> int:
     from .preflight import BadFilesError
     from .train import NEEDS_PRETRAINED_ARCHS, PRESETS, ResumeMismatchError, TrainingInterrupted, preset, train
 
-    over = dict(arch=a.arch, epochs=a.epochs, lr=a.lr, lr_step=a.lr_step, batch_size=a.batch_size,
+    # cheap checks first (names, counts, pairs), then paths and files, then data and training
+    arch = _arch_name("--arch", a.arch)
+    method_kw = None
+    if a.method != "cam" or a.method_param:
+        from .methods import METHOD_DEFAULTS, make_method
+
+        method_kw = _argcheck.key_values("--method-param", a.method_param, sorted(METHOD_DEFAULTS[a.method]))
+        try:
+            make_method(a.method, **method_kw)  # its ranges
+        except ValueError as exc:
+            raise ArgError(f"--method-param: {exc}") from None
+    if a.no_pretrained and a.pretrained:
+        raise ArgError("--pretrained / --no-pretrained: give --pretrained FILE or --no-pretrained, not both")
+    if a.no_resume and a.resume:
+        raise ArgError("--resume / --no-resume: give --resume CHECKPOINT or --no-resume, not both")
+    over = dict(arch=arch, epochs=a.epochs, lr=a.lr, lr_step=a.lr_step, batch_size=a.batch_size,
                 image_size=a.image_size, crop_size=a.crop_size, cream_momentum=a.cream_momentum,
                 embedding_init=a.embedding_init, num_workers=a.num_workers, ckpt_every_steps=a.ckpt_every_steps,
                 ckpt_every_minutes=a.ckpt_every_minutes, val_split=a.val_split, val_every_epochs=a.val_every_epochs,
@@ -219,19 +306,34 @@ def _cmd_train(a) -> int:
                                            device=_device(a.device), check_files=not a.no_file_check)
     if a.no_val:
         cfg = cfg.replace(val_split=None)
-    if a.no_pretrained and a.pretrained:
-        print("error: give --pretrained FILE or --no-pretrained, not both", file=sys.stderr)
-        return 2
     if a.no_pretrained:
         cfg = cfg.replace(pretrained=None)
     elif a.pretrained:
         cfg = cfg.replace(pretrained=a.pretrained)
-    if a.data_root or a.metadata_root:
-        if not (a.data_root and a.metadata_root):
-            print("error: give both --data-root and --metadata-root", file=sys.stderr)
-            return 2
+    if (a.data_root or a.metadata_root) and not (a.data_root and a.metadata_root):
+        raise ArgError("--data-root / --metadata-root: give both (the image folder and the metadata folder)")
+    if not (a.data_root or cfg.dataset == "synthetic"):
+        raise ArgError(f"--data-root / --metadata-root: preset {a.preset!r} needs both (presets that generate "
+                       "their own data: synthetic, synthetic-quick)")
+    real_data = PRESETS[a.preset]["dataset"] != "synthetic"
+    if not (a.no_pretrained or a.pretrained) and cfg.pretrained is None and real_data \
+            and cfg.arch in NEEDS_PRETRAINED_ARCHS:
+        raise ArgError(f"--pretrained: preset {a.preset!r} fine-tunes ImageNet weights, as the paper does: give "
+                       f"--pretrained FILE (a torchvision-format {cfg.arch} state dict, e.g. "
+                       f"{_TORCHVISION_FILES[cfg.arch]}) or --no-pretrained to train from random weights")
+    _check_data_roots(a, cfg.train_split)
+    _check_pretrained("--pretrained", cfg.pretrained if not a.no_pretrained else None, cfg.arch,
+                      cfg.large_feature_map, **cfg.model_kwargs)
+    if a.resume:
+        ck = _argcheck.training_checkpoint("--resume", a.resume)
+        ck_arch = ck.get("arch") or ck.get("config", {}).get("arch")
+        if ck_arch and ck_arch != cfg.arch:
+            raise ArgError(f"--resume: {a.resume!r} was trained with arch {ck_arch!r}, this run's arch is "
+                           f"{cfg.arch!r}; give --arch {ck_arch} (or --no-resume to start afresh)")
+        del ck
+    if a.data_root:
         cfg = cfg.replace(data_root=a.data_root, metadata_root=a.metadata_root, mask_root=a.mask_root or "")
-    elif cfg.dataset == "synthetic":
+    else:
         from .data import make_synthetic
         from .reproduce import DATA_FULL
 
@@ -239,28 +341,8 @@ def _cmd_train(a) -> int:
         dkw = dict(DATA_FULL, image_size=cfg.image_size)
         data_root, metadata_root = make_synthetic(root, seed=a.seed, **dkw)
         cfg = cfg.replace(data_root=str(data_root), metadata_root=str(metadata_root))
-    else:
-        print(f"error: preset {a.preset!r} needs --data-root and --metadata-root", file=sys.stderr)
-        return 2
-    real_data = PRESETS[a.preset]["dataset"] != "synthetic"
-    if not (a.no_pretrained or a.pretrained) and cfg.pretrained is None and real_data \
-            and cfg.arch in NEEDS_PRETRAINED_ARCHS:
-        print(f"error: preset {a.preset!r} fine-tunes ImageNet weights, as the paper does: give --pretrained FILE "
-              f"(a torchvision-format {cfg.arch} state dict, e.g. {_TORCHVISION_FILES[cfg.arch]}) "
-              "or --no-pretrained to train from random weights", file=sys.stderr)
-        return 2
-    if a.method != "cam" or a.method_param:
-        from .methods import make_method
-
-        kw = {}
-        for item in a.method_param:
-            if "=" not in item:
-                print(f"error: --method-param expects KEY=VALUE; got {item!r}", file=sys.stderr)
-                return 2
-            k, v = item.split("=", 1)
-            kw[k.strip()] = float(v)
-        make_method(a.method, **kw)  # validates
-        cfg = cfg.replace(method=a.method, method_kwargs=kw)
+    if method_kw is not None:
+        cfg = cfg.replace(method=a.method, method_kwargs=method_kw)
     resume = None if a.no_resume else (a.resume or "auto")
     try:
         summary = train(cfg, resume=resume)
@@ -286,20 +368,21 @@ def _cmd_train(a) -> int:
 def _cmd_evaluate(a) -> int:
     from .evaluate import MapSpec, evaluate_checkpoint, format_metrics_table, jsonable
 
-    kinds = [k.strip() for k in a.maps.split(",") if k.strip()]
+    kinds = _argcheck.name_list("--maps", a.maps, MAP_KINDS)
+    grid = _argcheck.number_list("--sigma-grid", a.sigma_grid) if a.sigma_grid else None
+    if a.select_on and a.select_on == a.split:
+        raise ArgError(f"--select-on: {a.select_on!r} is the evaluated --split itself; choose sigma and tau on "
+                       "another split (e.g. --select-on val --split test)")
+    _check_data_roots(a, a.split)
+    if a.select_on:
+        _check_data_roots(a, a.select_on)
+    _argcheck.training_checkpoint("checkpoint", a.checkpoint)  # a file of the right kind, before the data
     targets = ["gt", "pred"] if a.target == "both" else [a.target]
     specs = {}
     for target in targets:
         for k in kinds:
             name = k if target == "gt" else f"{k} (predicted class)"
             specs[name] = MapSpec(k, num_iters=a.iters, sigma=a.sigma, similarity=a.similarity, target=target)
-    grid = None
-    if a.sigma_grid:
-        try:
-            grid = [float(v) for v in a.sigma_grid.split(",") if v.strip()]
-        except ValueError:
-            print(f"error: --sigma-grid must be a comma list of numbers, got {a.sigma_grid!r}", file=sys.stderr)
-            return 2
     try:
         res = evaluate_checkpoint(a.checkpoint, split=a.split, data_root=a.data_root, metadata_root=a.metadata_root,
                                   mask_root=a.mask_root, specs=specs, batch_size=a.batch_size,
@@ -345,7 +428,7 @@ def _cmd_reproduce(a) -> int:
     try:
         if a.pretrained and a.no_pretrained:
             raise OptionError("--pretrained / --no-pretrained: give one of them, not both")
-        seeds = _list("--seeds", a.seeds, int) if a.seeds is not None else ([a.seed] if a.seed is not None else None)
+        seeds = _argcheck.int_list("--seeds", a.seeds) if a.seeds is not None else ([a.seed] if a.seed is not None else None)
         reproduce(a.out, seeds=seeds, regimes=_list("--regimes", a.regimes),
                   backbones=_list("--backbones", a.backbones), quick=a.quick, progress=not a.no_progress,
                   device=_device(a.device), epochs=a.epochs, retrain=a.retrain, jobs=a.jobs,
@@ -364,10 +447,16 @@ def _cmd_reproduce(a) -> int:
 def _cmd_pseudo_boxes(a) -> int:
     from .pseudo_boxes import generate_pseudo_boxes
 
-    meta = generate_pseudo_boxes(a.checkpoint, a.out, split=a.split, input_size=a.input_size,
-                                 data_root=a.data_root, metadata_root=a.metadata_root, tau=a.tau,
-                                 cam_curve_interval=a.curve_interval, batch_size=a.batch_size,
-                                 device=_device(a.device), progress=not a.no_progress, ddt=a.ddt)
+    _check_data_roots(a, a.split)
+    _argcheck.training_checkpoint("checkpoint", a.checkpoint)
+    try:
+        meta = generate_pseudo_boxes(a.checkpoint, a.out, split=a.split, input_size=a.input_size,
+                                     data_root=a.data_root, metadata_root=a.metadata_root, tau=a.tau,
+                                     cam_curve_interval=a.curve_interval, batch_size=a.batch_size,
+                                     device=_device(a.device), progress=not a.no_progress, ddt=a.ddt)
+    except (FileNotFoundError, ValueError) as exc:  # a wrong checkpoint, split or data folder
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = {k: meta[k] for k in ("split", "input_size", "tau", "num_images", "gt_known")}
     if "ddt" in meta:
         out["ddt_gt_known"] = meta["ddt"]["gt_known"]
@@ -379,6 +468,12 @@ def _cmd_regress(a) -> int:
     from .pseudo_boxes import PSEUDO_META
     from .regress import RegressConfig, evaluate_cream_reg, train_regressor
 
+    arch = _arch_name("--arch", a.arch)
+    if a.no_pretrained and a.pretrained:
+        raise ArgError("--pretrained / --no-pretrained: give --pretrained FILE or --no-pretrained, not both")
+    _argcheck.existing_dir("--pseudo-boxes", a.pseudo_boxes, "folder written by `cream-wsol pseudo-boxes --out`")
+    _argcheck.existing_dir("--data-root", a.data_root, "image folder")
+    _argcheck.existing_dir("--metadata-root", a.metadata_root, "wsolevaluation metadata folder")
     meta_path = os.path.join(a.pseudo_boxes, PSEUDO_META)
     meta = {}
     if os.path.isfile(meta_path):
@@ -386,18 +481,24 @@ def _cmd_regress(a) -> int:
             meta = json.load(fh)
     data_root = a.data_root or meta.get("data_root")
     if not data_root:
-        print(f"error: give --data-root ({meta_path} does not record one)", file=sys.stderr)
-        return 2
+        raise ArgError(f"--data-root: give the image folder ({meta_path} does not record one)")
+    split = meta.get("split", "train")
+    if not os.path.isfile(os.path.join(a.pseudo_boxes, split, "localization.txt")):
+        raise ArgError(f"--pseudo-boxes: {a.pseudo_boxes!r} has no {split}/localization.txt; expected the folder "
+                       "written by `cream-wsol pseudo-boxes --out`")
+    if a.evaluate:
+        _argcheck.training_checkpoint("--evaluate", a.evaluate)
     cfg = RegressConfig.from_preset(
-        a.preset, arch=a.arch, epochs=a.epochs, lr=a.lr, lr_step=a.lr_step, batch_size=a.batch_size,
+        a.preset, arch=arch, epochs=a.epochs, lr=a.lr, lr_step=a.lr_step, batch_size=a.batch_size,
         image_size=a.image_size or meta.get("input_size"), ckpt_every_steps=a.ckpt_every_steps,
         max_steps_per_epoch=a.max_steps_per_epoch)
-    cfg = cfg.replace(pseudo_root=a.pseudo_boxes, data_root=data_root, split=meta.get("split", "train"),
+    cfg = cfg.replace(pseudo_root=a.pseudo_boxes, data_root=data_root, split=split,
                       seed=a.seed, out_dir=a.out, progress=not a.no_progress, device=_device(a.device))
     if a.no_pretrained:
         cfg = cfg.replace(pretrained=None)
     elif a.pretrained:
         cfg = cfg.replace(pretrained=a.pretrained)
+    _check_pretrained("--pretrained", cfg.pretrained, cfg.arch, cfg.large_feature_map, **cfg.model_kwargs)
     summary = train_regressor(cfg, resume=None if a.no_resume else "auto")
     if summary["rank"] != 0:
         return 0
@@ -427,8 +528,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         import torch
 
         torch.set_num_threads(a.threads)
-    return {"train": _cmd_train, "evaluate": _cmd_evaluate, "reproduce": _cmd_reproduce,
-            "presets": _cmd_presets, "pseudo-boxes": _cmd_pseudo_boxes, "regress": _cmd_regress}[a.command](a)
+    run = {"train": _cmd_train, "evaluate": _cmd_evaluate, "reproduce": _cmd_reproduce,
+           "presets": _cmd_presets, "pseudo-boxes": _cmd_pseudo_boxes, "regress": _cmd_regress}[a.command]
+    try:
+        if hasattr(a, "device"):
+            _check_device(a.device)
+        return run(a)
+    except ArgError as exc:  # a command-line mistake: one line, exit 2 (argparse's convention)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,11 @@ the "Evaluation conventions" section of SPEC.md. The code is our own; the rules 
 * :func:`normalize_scoremap`: bicubic upsampling of the raw map to ``size x size``
   (``cv2.INTER_CUBIC``, computed in float64 as upstream, whose ``t2n`` casts the map
   to float64 first), then per-image min-max normalization; a map with a NaN
-  (or any non-finite value) or a constant map becomes all zeros.
+  (or any non-finite value) becomes all zeros, and so does a map that is constant
+  *after* the upsampling. A constant raw map is usually not: the bicubic weights
+  leave float64 rounding noise (a few ulps of the value) that the min-max
+  normalization stretches to [0, 1] (exact zeros stay zeros). This is upstream's
+  behaviour, kept for bit-exact metrics.
 * :func:`boxes_from_map` (one threshold; public as ``cream_wsol.boxes_from_map``),
   :func:`compute_bboxes_from_scoremaps` (many) and :class:`BoxEvaluator` share one
   implementation of the box rule (``_box_groups``): the map is quantized with
@@ -95,8 +99,10 @@ def normalize_scoremap(cam, size: int = 224, dtype=np.float64) -> np.ndarray:
             quantizes a float64 map; float32 moves ~1 pixel per image by one grey level).
 
     Returns:
-        np.ndarray [size, size] in [0, 1]; all zeros for a NaN/non-finite or
-        constant map.
+        np.ndarray [size, size] in [0, 1]; all zeros for a NaN/non-finite map
+        or one that is constant after the upsampling. A constant input map
+        (other than all zeros) usually comes back as rounding noise spread over
+        [0, 1], as upstream's does: the bicubic resize is not exact.
     """
     if hasattr(cam, "detach"):  # torch tensor
         cam = cam.detach().cpu().numpy()

@@ -200,8 +200,16 @@ class VGG16CAM(CAMNet):
     def adapt_pretrained(self, state_dict):
         # torchvision numbers the convs by their index in `features`; removing a pool
         # shifts the indices, so match the convs in order (as wsolevaluation does).
-        src = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("features.")})
+        # a conv has a 4-D weight; vgg16_bn's BatchNorm layers (1-D weights, running
+        # statistics) sit between them and must not be counted as convs
+        layers = sorted({int(k.split(".")[1]) for k in state_dict if k.startswith("features.")})
+        src = [i for i in layers if getattr(state_dict.get(f"features.{i}.weight"), "dim", lambda: 0)() == 4]
+        norms = [i for i in layers if f"features.{i}.running_mean" in state_dict]
         dst = [i for i, m in enumerate(self.features) if isinstance(m, nn.Conv2d)]
+        if norms:
+            raise ValueError(f"the checkpoint has {len(src)} conv and {len(norms)} batch-norm layers in `features` "
+                             f"(a vgg16_bn state dict?); the model (vgg16, as wsolevaluation's) has {len(dst)} conv "
+                             "layers and no batch norm: give torchvision's vgg16 weights (vgg16-397923af.pth)")
         if len(src) != len(dst):
             raise ValueError(f"VGG16 checkpoint has {len(src)} conv layers in `features`, the model has {len(dst)}")
         out = {}
@@ -562,6 +570,23 @@ def load_pretrained(model: CAMNet, path: str) -> Dict[str, List[str]]:
     Keys of the upstream classifier are dropped; every remaining key must exist in
     the model with the same shape. Returns ``{"loaded": [...], "new": [...]}`` where
     ``new`` lists the model parameters that stay randomly initialised."""
+    state, missing = _match_pretrained(model, path)
+    model.load_state_dict(state, strict=False)
+    return {"loaded": sorted(state), "new": missing}
+
+
+def check_pretrained(arch: str, path: str, *, large_feature_map: bool = False, **kwargs) -> None:
+    """ValueError when the ImageNet state dict at ``path`` does not fit ``arch``
+    (the checks of :func:`load_pretrained`, on a model built on the meta device:
+    no weights are allocated or initialised, so it costs reading the file)."""
+    key = canonical_arch(arch)
+    with torch.device("meta"):
+        model = ARCHITECTURES[key](2, large_feature_map=large_feature_map, **kwargs)
+    _match_pretrained(model, path)
+
+
+def _match_pretrained(model: CAMNet, path: str):
+    """(the state dict adapted to ``model``, the model keys it leaves new); ValueError if it does not fit."""
     state = model.adapt_pretrained(_read_state_dict(path))
     own = model.state_dict()
     unknown = [k for k in state if k not in own]
@@ -576,8 +601,7 @@ def load_pretrained(model: CAMNet, path: str) -> Dict[str, List[str]]:
     if unexpected_missing:
         raise ValueError(f"{path}: the checkpoint lacks {len(unexpected_missing)} backbone tensors, "
                          f"e.g. {unexpected_missing[:5]}")
-    model.load_state_dict(state, strict=False)
-    return {"loaded": sorted(state), "new": missing}
+    return state, missing
 
 
 def build_model(arch: str, num_classes: int, *, large_feature_map: bool = False,

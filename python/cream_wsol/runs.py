@@ -238,6 +238,12 @@ def make_embeddings(num_classes: int, dim: int, momentum: float, cam_threshold: 
 def load_trained(path: str, device: str = "cpu"):
     """(model in eval mode, ContextEmbeddings, TrainConfig) from a checkpoint."""
     ck = load_checkpoint(path, map_location=device)
+    fmt = ck.get("format") if isinstance(ck, dict) else None
+    if fmt != "cream_wsol.checkpoint/1":
+        what = ("a box-regressor checkpoint (cream-wsol regress)" if fmt == "cream_wsol.regressor/1"
+                else f"of format {fmt!r}" if fmt else "a plain state dict or another program's file")
+        raise ValueError(f"{path} is {what}, not a training checkpoint (format 'cream_wsol.checkpoint/1'); "
+                         "give the checkpoint.pt written by cream-wsol train")
     cfg = TrainConfig.from_dict(ck["config"])
     model = build_model(cfg.arch, ck["num_classes"], large_feature_map=cfg.large_feature_map,
                         **cfg.model_kwargs)

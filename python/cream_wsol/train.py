@@ -315,6 +315,10 @@ class _Validator:
 # --------------------------------------------------------------------------- #
 def _check_config(cfg: TrainConfig) -> None:
     """ValueError naming the setting for values the loop cannot use."""
+    for name in ("epochs", "batch_size", "image_size"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r} ({type(v).__name__})")
     for name in ("ckpt_every_steps", "val_every_epochs", "val_every_steps"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:

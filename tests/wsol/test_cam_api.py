@@ -632,3 +632,97 @@ def test_box_functions_reject_bad_input():
         boxes_from_map(m[None], 0.2)
     with pytest.raises(ValueError, match=r"gt_boxes must have shape \[k, 4\]"):
         best_box(m, 0.2, gt_boxes=[[1, 2, 3]])
+
+
+# --------------------------------------------------------------------------- heads CREAM does not need (issue 22)
+class VGGLike(nn.Module):
+    """torchvision's VGG16 layout in miniature: features, adaptive avgpool to a fixed
+    grid, then a flattening MLP classifier (no GAP + linear head)."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        self.avgpool = nn.AdaptiveAvgPool2d((4, 4))
+        self.classifier = nn.Sequential(nn.Linear(8 * 4 * 4, 32), nn.ReLU(True), nn.Dropout(),
+                                        nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def test_given_cams_and_targets_need_no_head():
+    """CREAM(vgg_like, target_layer="features")(images, cams=..., targets=...) works as it is:
+    the classifier weight is never used then, so none is looked for (no dummy classifier)."""
+    torch.manual_seed(0)
+    model = VGGLike().eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    cams = torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(4))  # e.g. pytorch-grad-cam, image size
+    cream = CREAM(model, target_layer="features", sigma="auto")
+    out = cream(x, cams=cams.numpy(), targets=[1, 3])
+    assert out.maps.shape == (2, 1, 32, 32) and out.classes.tolist() == [[1], [3]]
+    with torch.no_grad():
+        assert_same(out.logits, model(x))
+        f = model.features(x)
+    # the op on the features and the given map (resized by area to 8 x 8), training-free
+    c = F.interpolate(cams[:, None], size=f.shape[-2:], mode="area")
+    want = ck.em_reactivate(f, c, None, None, sigma="auto").reshape(2, 1, 8, 8)
+    assert_same(out.raw, want)
+    assert cream.classifier_name is None  # nothing was found, nothing was remembered
+    # learned tables [C, d] work too (C: the model's output)
+    tables = (torch.randn(5, 8), torch.randn(5, 8))
+    assert CREAM(model, "features", embeddings=tables)(x, cams=cams, targets=[1, 3]).maps.shape == (2, 1, 32, 32)
+
+
+def test_when_a_head_is_needed_the_error_says_how_to_do_without():
+    model = VGGLike().eval()
+    x = torch.rand(2, 3, 32, 32)
+    cams = torch.rand(2, 8, 8)
+    for call in (lambda c: c(x), lambda c: c(x, top_k=2), lambda c: c(x, cams=cams)):  # no cams or no targets
+        with pytest.raises(ValueError) as e:
+            call(CREAM(model, "features"))
+        msg = str(e.value)
+        assert "global average pooling + nn.Linear" in msg
+        assert "cams=" in msg and "targets=" in msg and "needs none" in msg
+
+
+class PooledTo1x1(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def test_a_1x1_feature_map_is_refused_naming_the_layer():
+    """target_layer="avgpool" (the pooled 1x1 map) would give 0.5 everywhere: a ValueError
+    naming the layer and its output shape (em_reactivate itself accepts 1x1 maps)."""
+    x = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"target_layer 'avgpool' has shape \(2, 8, 1, 1\)"):
+        CREAM(PooledTo1x1().eval(), "avgpool")(x)
+    with pytest.raises(ValueError, match="'avgpool'.*1x1"):
+        CREAM(PooledTo1x1().eval(), "avgpool")(x, cams=torch.rand(2, 4, 4), targets=[0, 1])
+    assert CREAM(PooledTo1x1().eval(), "features")(x).maps.shape == (2, 1, 16, 16)
+
+
+def test_constant_maps_docs_match_the_code():
+    """A map constant at feature size is not all zeros after the bicubic upsampling: rounding
+    noise, stretched to [0, 1] by the min-max (as upstream's metrics do); only a map that is
+    still constant after the resize (here: zeros) becomes all zeros. The docs say so."""
+    for v in (0.3, 1.37):
+        m = metrics.normalize_scoremap(np.full((7, 7), v), 224)
+        assert m.min() == 0.0 and m.max() == 1.0
+        t = F.interpolate(torch.full((1, 1, 7, 7), v), size=(64, 64), mode="bicubic", align_corners=False)
+        assert float(t.amax() - t.amin()) > 0  # float32 noise, which CREAMOutput.maps stretches alike
+    assert not metrics.normalize_scoremap(np.zeros((7, 7)), 224).any()
+    for doc in (metrics.__doc__, metrics.normalize_scoremap.__doc__, cam_api.CREAMOutput.__doc__):
+        flat = " ".join(doc.replace("*", "").split())
+        assert "constant map becomes all zeros" not in flat and "or constant map." not in flat
+        assert "after the upsampling" in flat
+    spec = (Path(__file__).resolve().parents[2] / "SPEC.md").read_text()
+    conventions = " ".join(spec.split("## Evaluation conventions", 1)[1].split("\n## ", 1)[0].split())
+    assert "a NaN or constant map becomes all zeros" not in conventions
+    assert "constant after the upsampling" in conventions

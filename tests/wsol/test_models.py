@@ -110,6 +110,40 @@ def test_load_vgg16_remaps_convs_for_large_feature_map(tmp_path):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
 
 
+def test_vgg16_bn_weights_are_refused_counting_convs_and_norms(tmp_path):
+    """torchvision's vgg16_bn numbers conv and BatchNorm layers alike in `features`; loaded as
+    vgg16 it is refused, counting 13 convs and 13 norms (not "26 conv layers")."""
+    sd, i = {}, 0
+    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
+        if v == "M":
+            i += 1
+            continue
+        cin = 3 if i == 0 else 1
+        sd[f"features.{i}.weight"], sd[f"features.{i}.bias"] = torch.zeros(v, cin, 3, 3), torch.zeros(v)
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            sd[f"features.{i + 1}.{k}"] = torch.zeros(v)
+        sd[f"features.{i + 1}.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+        i += 3
+    path = tmp_path / "vgg16_bn-6c64b313.pth"
+    torch.save(sd, path)
+    msg = "13 conv and 13 batch-norm layers .*vgg16_bn.* 13 conv layers and no batch norm"
+    with pytest.raises(ValueError, match=msg):
+        M.check_pretrained("vgg16", str(path))  # the CLI's check: meta device, nothing built
+    with pytest.raises(ValueError, match=msg):
+        M.build_model("vgg16", 10, pretrained=str(path))
+
+
+def test_check_pretrained_matches_load_pretrained(tmp_path):
+    sd = M.build_model("small", 4, width=8).state_dict()
+    path = tmp_path / "small.pth"
+    torch.save(sd, path)
+    M.check_pretrained("small", str(path), width=8)  # fits: no error
+    with pytest.raises(ValueError, match="shape mismatch"):
+        M.check_pretrained("small", str(path), width=16)
+    with pytest.raises(ValueError, match="do not belong to resnet50"):
+        M.check_pretrained("resnet50", str(path))
+
+
 def test_load_inception_drops_upstream_heads(tmp_path):
     torch.manual_seed(0)
     src = M.build_model("inceptionv3", 10)
