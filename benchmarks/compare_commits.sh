@@ -7,9 +7,11 @@
 # a temporary directory with its own temporary venv (torch==2.13.0, which pip
 # takes from the machine's local wheel directory or index, never an unpinned
 # torch), then runs the same pytest-benchmark selection with each commit's own
-# benchmarks/ in alternating rounds (A B, B A, A B, ...) and prints, per row the
-# two commits share, the median over the rounds of each commit's row median and
-# the ratio B / A (below 1: B is faster), with every round's ratio and the load.
+# benchmarks/ in alternating rounds (A B, B A, A B, ...) and prints, per timed
+# test, the median over the rounds of each commit's wall-time median and of its
+# process CPU time per call (all threads, recorded by a small pytest plugin the
+# script loads into both runs), the ratios B / A (below 1: B is faster), every
+# round's ratios and the load.
 #
 # Environment (all optional):
 #   CREAM_COMPARE_ROUNDS   rounds per commit (default 3)
@@ -60,13 +62,40 @@ setup_side() {  # side sha
     || { tail -20 "$dir/build.log" >&2; echo "error: the build of $side failed" >&2; exit 1; }
 }
 
+# A pytest plugin loaded into both commits' runs: it records, per timed test, the
+# median wall time and the process CPU time per call (all threads; pool spinning
+# included, waits for a core excluded), which moves much less with the load.
+cat > "$WORK/cream_compare_plugin.py" <<'PY'
+import json, os, time
+import pytest_benchmark.fixture as _fx
+
+_orig = _fx.BenchmarkFixture.pedantic
+
+
+def _pedantic(self, target, args=(), kwargs=None, setup=None, rounds=1, warmup_rounds=0, iterations=1):
+    c0 = time.process_time()
+    result = _orig(self, target, args=args, kwargs=kwargs, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds,
+                   iterations=iterations)
+    cpu = time.process_time() - c0
+    stats = getattr(getattr(self, "stats", None), "stats", None)
+    with open(os.environ["CREAM_COMPARE_LOG"], "a") as f:
+        f.write(json.dumps({"name": self.name, "median_us": stats.median * 1e6 if stats else None,
+                            "cpu_us": cpu / ((rounds + warmup_rounds) * iterations) * 1e6,
+                            "load1": os.getloadavg()[0]}) + "\n")
+    return result
+
+
+_fx.BenchmarkFixture.pedantic = _pedantic
+PY
+
 run_side() {  # side round
   local side=$1 r=$2 dir="$WORK/$1"
   # shellcheck disable=SC2086
-  (cd "$dir/src" && PYTHONPATH="$dir/src:$dir/src/python" CREAM_BENCH_SAVE="$dir/round$r.json" \
-    "$dir/venv/bin/python" -m pytest -q -p no:cacheprovider $FILES --benchmark-only -k "$K") > "$dir/round$r.log" 2>&1 \
+  (cd "$dir/src" && PYTHONPATH="$dir/src:$dir/src/python:$WORK" CREAM_COMPARE_LOG="$dir/round$r.jsonl" \
+    "$dir/venv/bin/python" -m pytest -q -p no:cacheprovider -p cream_compare_plugin $FILES --benchmark-only -k "$K") \
+    > "$dir/round$r.log" 2>&1 \
     || { tail -30 "$dir/round$r.log" >&2; echo "error: the benchmarks of $side failed in round $r" >&2; exit 1; }
-  echo "  round $r $side: $(grep -c '"median_us"' "$dir/round$r.json" 2>/dev/null || echo 0) rows, load $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "  round $r $side: $(wc -l < "$dir/round$r.jsonl" 2>/dev/null || echo 0) rows, load $(cut -d' ' -f1-3 /proc/loadavg)"
 }
 
 setup_side A "$SHA_A"
@@ -76,39 +105,50 @@ for r in $(seq "$ROUNDS"); do
   if [ $((r % 2)) -eq 1 ]; then run_side A "$r"; run_side B "$r"; else run_side B "$r"; run_side A "$r"; fi
 done
 
-"$WORK/B/venv/bin/python" - "$WORK" "$ROUNDS" "$SHA_A" "$SHA_B" <<'EOF'
-import json, platform, statistics, sys
+"$WORK/B/venv/bin/python" - "$WORK" "$ROUNDS" "$SHA_A" "$SHA_B" "${OMP_NUM_THREADS:-unset}" <<'EOF'
+import json, os, platform, statistics, sys
 from pathlib import Path
 
-work, rounds, sha_a, sha_b = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+work, rounds, sha_a, sha_b, omp = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+
 
 def load(side):
-    rows, meta = {}, []
+    rows = {}
     for r in range(1, rounds + 1):
-        doc = json.loads((work / side / f"round{r}.json").read_text())
-        meta.append(doc["metadata"])
-        for row in doc["rows"]:
+        path = work / side / f"round{r}.jsonl"
+        for line in path.read_text().splitlines() if path.exists() else []:
+            row = json.loads(line)
             if row.get("median_us"):
-                rows.setdefault((row["suite"], row["key"], row["impl"]), []).append((row["median_us"], row.get("load1")))
-    return rows, meta
+                rows.setdefault(row["name"], []).append(row)
+    return rows
 
-a, meta_a = load("A")
-b, meta_b = load("B")
-m = meta_b[0]
-print(f"\n## {sha_a[:7]} (A) vs {sha_b[:7]} (B): {rounds} alternating rounds, each commit's own benchmarks/")
-print(f"machine: {m.get('device')}, torch {m.get('torch')}, python {platform.python_version()}, "
-      f"torch threads {m.get('torch_threads')}, OpenMP threads {m.get('openmp_threads_C')}")
-loads = [x.get("load_avg_start", [None])[0] for x in meta_a + meta_b]
-print(f"1-min load at the start of the {2 * rounds} sessions: {', '.join(str(x) for x in loads)}\n")
-print("| suite | case | impl | A median (ms) | B median (ms) | B / A | B / A by round | load1 by round (A; B) |")
-print("|---|---|---|---:|---:|---:|---|---|")
-for key in sorted(set(a) | set(b)):
-    ra, rb = a.get(key, []), b.get(key, [])
-    ma = statistics.median(x for x, _ in ra) / 1e3 if ra else None
-    mb = statistics.median(x for x, _ in rb) / 1e3 if rb else None
-    ratio = f"{mb / ma:.2f}" if ma and mb else "-"
-    per = ", ".join(f"{y[0] / x[0]:.2f}" for x, y in zip(ra, rb)) if ra and rb else "-"
-    ld = "; ".join(", ".join(str(l) for _, l in rs) or "-" for rs in (ra, rb))
-    fmt = lambda v: f"{v:.3f}" if v is not None else "(absent)"
-    print(f"| {key[0]} | {key[1]} | {key[2]} | {fmt(ma)} | {fmt(mb)} | {ratio} | {per} | {ld} |")
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+a, b = load("A"), load("B")
+med = lambda rs, k: statistics.median(x[k] for x in rs) / 1e3
+print(f"\n## {sha_a[:7]} (A) vs {sha_b[:7]} (B): {rounds} alternating rounds (A B, B A, ...), each commit's own benchmarks/")
+print(f"\nmachine: {cpu_model()}, {len(os.sched_getaffinity(0))} cores; python {platform.python_version()}; "
+      f"OMP_NUM_THREADS={omp}. wall = the row's pytest-benchmark median; CPU = process CPU time per call "
+      "(all threads); each the median over the rounds; load1 = 1-min load average after each row.\n")
+print("| test | A wall (ms) | B wall (ms) | B/A wall | B/A wall by round | A CPU (ms) | B CPU (ms) | B/A CPU | B/A CPU by round | load1 (A; B) |")
+print("|---|---:|---:|---:|---|---:|---:|---:|---|---|")
+for name in sorted(set(a) | set(b)):
+    ra, rb = a.get(name, []), b.get(name, [])
+    if not ra or not rb:
+        print(f"| {name} | only in {'A' if ra else 'B'} | | | | | | | | |")
+        continue
+    wa, wb, ca, cb = med(ra, "median_us"), med(rb, "median_us"), med(ra, "cpu_us"), med(rb, "cpu_us")
+    pw = ", ".join(f"{y['median_us'] / x['median_us']:.2f}" for x, y in zip(ra, rb))
+    pc = ", ".join(f"{y['cpu_us'] / x['cpu_us']:.2f}" for x, y in zip(ra, rb))
+    ld = "; ".join(", ".join(f"{x['load1']:.1f}" for x in rs) for rs in (ra, rb))
+    print(f"| {name} | {wa:.3f} | {wb:.3f} | {wb / wa:.2f} | {pw} | {ca:.3f} | {cb:.3f} | {cb / ca:.2f} | {pc} | {ld} |")
 EOF
