@@ -119,3 +119,30 @@ def test_em_first_call(benchmark, harness):
            "timing": "perf_counter around the first call in a fresh interpreter (one run)", **result}
     benchmark.extra_info.update(row)
     harness.rows.append(row)
+
+
+def test_em_after_forward(benchmark, harness, em_after_case):
+    """The headline case as a user runs it: each timed call comes right after a
+    forward pass over the batch (harness.forward_pass, untimed), which pushes the
+    features out of the caches and has just used torch's thread pool. Given CAM,
+    per-image centroids, like test_em; compare with test_em's row of the same key."""
+    case = em_after_case
+    harness.skip_unless_runnable(case)
+    x = harness.inputs(case)
+    f, cam, vf, vb = x["features"], x["cam"], x["v_fg"], x["v_bg"]
+    T, sigma, ratio = case.T, harness.sigma, harness.ratio
+    if case.impl == "compile_f32":
+        compiled = harness.compiled("em_reactivate")
+
+        def fn():
+            return compiled(f, cam, vf, vb, T, sigma, ratio, False, torch.float32)
+
+    else:
+        backend = case.impl
+
+        def fn():
+            return cream_kernels.em_reactivate(f, cam, vf, vb, num_iters=T, sigma=sigma, cam_threshold=ratio,
+                                               backend=backend)
+
+    harness.measure(benchmark, case, fn, features_bytes=f.numel() * f.element_size(),
+                    setup=harness.forward_pass(case.B), info={"kind": "after_forward"})

@@ -12,10 +12,16 @@
 // by pixel. (Pixel tiles of 16-48 pixels, to share one read between E and M,
 // measured 1.4-2.5x slower at B=32, 1024x14x14: short strided rows defeat the
 // prefetcher.) In NCHW the dot products and the M-step sums take four channel
-// rows per sweep of the per-pixel arrays (B=32, 1024x14x14, T=2, top-5 from the
-// classifier weight, 1 thread, min of 15 on a machine at load ~500: K=1 57.5 ->
-// 38.5 ms, K=5 in one call 239 -> 99 ms, 5 separate calls 246 -> 187 ms). A K-row call and K one-row calls run
-// the same loops, so their results are bitwise equal.
+// rows per sweep of the per-pixel arrays, a quarter of their loads and stores,
+// and prefetch the next sweep's four rows (image_loops.h: four interleaved row
+// streams alone left the hardware prefetcher behind when the map comes from DRAM).
+// Thread CPU time, 1 thread, B=32 1024x14x14 fp32 T=2, given CAM, [200, d] tables,
+// medians of alternating runs on a 2-core EPYC VM at load 8-12 (issue 25):
+// 07bde90's one-row loops 4.1-4.4 ms, four rows without the prefetch 7.7-8.8 ms,
+// with it 3.5-5.4 ms; K=5 in one call 10.6-14.4 ms with the prefetch, 11.7-13.5
+// without (five one-row calls cost five times the one-row figure). Instructions
+// (callgrind, B=4, K=1): 5.81 M, 3.74 M, 4.65 M. A K-row call
+// and K one-row calls run the same loops, so their results are bitwise equal.
 #include <omp.h>
 
 #include <cmath>

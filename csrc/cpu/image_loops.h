@@ -14,6 +14,19 @@
 namespace cream {
 namespace cpu {
 
+// Prefetch four consecutive channel rows of n elements (stride sd), starting at
+// r, one request per 64-byte line. The NCHW K-row loops call it for the rows of
+// their next sweep: their four interleaved row streams, 4 N elements apart,
+// defeat the hardware prefetcher where one row after another (the old one-row
+// loops) does not, which made a map that comes from DRAM (B=32, 1024x14x14 fp32
+// is 26 MB) 1.6x slower to read. A prefetch changes no arithmetic.
+template <typename T>
+inline void prefetch_rows(const T* r, int64_t sd, int64_t n) {
+  constexpr int64_t step = 64 / sizeof(T);
+  for (int j = 0; j < 4; ++j)
+    for (int64_t i = 0; i < n; i += step) __builtin_prefetch(r + j * sd + i, 0, 3);
+}
+
 template <typename T>
 struct Image {
   const T* base;
@@ -139,6 +152,7 @@ void dots_k(const Image<T>& im, const Acc* W, Acc* X, int64_t K) {
     int64_t k = 0;
     for (; k + 4 <= d; k += 4) {
       const T *r0 = im.base + k * im.sd, *r1 = r0 + im.sd, *r2 = r1 + im.sd, *r3 = r2 + im.sd;
+      if (k + 8 <= d) prefetch_rows(r0 + 4 * im.sd, im.sd, N);  // the next sweep's rows
       for (int64_t r = 0; r < K; ++r) {
         const Acc *w = W + r * d + k;
         const Acc w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
@@ -180,6 +194,7 @@ void weighted_sums_k(const Image<T>& im, const Acc* U, const Acc* UB, Acc* S1, A
     int64_t k = 0;
     for (; k + 4 <= d; k += 4) {  // four channel rows per sweep of u, ub
       const T *r0 = im.base + k * im.sd, *r1 = r0 + im.sd, *r2 = r1 + im.sd, *r3 = r2 + im.sd;
+      if (k + 8 <= d) prefetch_rows(r0 + 4 * im.sd, im.sd, N);  // the next sweep's rows
       for (int64_t r = 0; r < K; ++r) {
         const Acc *u = U + r * N, *ub = UB + r * N;
         Acc a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
