@@ -31,7 +31,8 @@
 #   triton         45 s  Triton's version; configs compiled in parallel children, each under a timeout
 #   tests          50 s  pytest's GPU tests, a child per file under timeout: cluster, generic, rest
 #   sanitizer      30 s  compute-sanitizer memcheck and racecheck, our kernels only, per variant
-#   ncu            25 s  dram__bytes_read.sum at B=256 r50 28x28 bf16 per variant (passes over F)
+#   ncu            25 s  dram__bytes_read.sum at B=256 r50 28x28 bf16, each variant's EM kernel (one
+#                        ncu process): DRAM bytes read over the feature bytes (passes over F)
 # Logs in $OUT, written as each step runs (steps share files so that at most 8 files come back):
 #   summary.txt (DRY RUN notice, the CUDA variant in force, headline numbers, then one
 #   `NAME: rc=N (Ns)` line per step; rewritten after every step), build.log, cuda.log (canary,
@@ -269,17 +270,17 @@ ncu_passes() {
   fi
   n=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   [ -n "$n" ] || { echo "ncu not found"; return 1; }
-  : >"$STATE/head.50-ncu"
+  # one ncu process for both variants (its start-up is the slow part): one launch of each EM kernel
   set -- $(impls)
-  for v in "$@"; do
-    t=$(((STEP_LIMIT - 2) / $#))
-    echo "--- ncu dram__bytes_read.sum, $v, B=256 r50 28x28 bf16 (cold caches: ncu flushes them), timeout ${t}s"
-    timeout -k 3 $t "$n" --metrics dram__bytes_read.sum --kernel-name regex:"em_(generic|cluster)_kernel" \
-      --launch-count 1 --clock-control none --csv --print-units base --log-file "$STATE/ncu_$v.csv" \
-      $GC workload --impls $v --cases "256x2048x28:bf16" || rc=1
-    cat "$STATE/ncu_$v.csv" 2>/dev/null
-    $GC ncu --log "$STATE/ncu_$v.csv" --label "$v" --B 256 --d 2048 --hw 28 --dtype bf16 | tee -a "$STATE/head.50-ncu" || rc=1
-  done
+  v=$(echo "$@" | tr ' ' ,)
+  t=$((STEP_LIMIT - 4))
+  echo "--- ncu dram__bytes_read.sum, $v, B=256 r50 28x28 bf16 (cold caches: ncu flushes them), timeout ${t}s"
+  timeout -k 3 $t "$n" --metrics dram__bytes_read.sum --kernel-name regex:"em_(generic|cluster)_kernel" \
+    --launch-count $# --clock-control none --csv --print-units base --log-file "$STATE/ncu.csv" \
+    $GC workload --impls "$v" --cases "256x2048x28:bf16" || rc=1
+  cat "$STATE/ncu.csv" 2>/dev/null
+  $GC ncu --log "$STATE/ncu.csv" --label "B=256 r50 28x28 bf16" --B 256 --d 2048 --hw 28 --dtype bf16 |
+    tee "$STATE/head.50-ncu" || rc=1
   return $rc
 }
 export -f ncu_passes

@@ -275,3 +275,28 @@ def test_build_records_the_source_commit(tmp_path, monkeypatch):
         assert info["commit"] == head.stdout.strip() and isinstance(info["dirty"], bool)
     else:  # an unpacked sdist: nothing to record, and the build still works
         assert info == {"commit": None, "dirty": None}
+
+
+@needs_bash
+def test_a_step_timeout_takes_the_children_along(tmp_path):
+    """gpu_check.sh's step timeout sends SIGTERM to the Python step, whose children
+    run in their own sessions (so that a hung one can be killed whole): the step
+    kills them on its way out, so no hung child outlives its step."""
+    marker = f"gpu_check_test_{os.getpid()}"
+    env = dict(os.environ, GPU_CHECK_SIMULATE_HANG="cluster", GPU_CHECK_STATE=str(tmp_path), PYTHONPATH=os.pathsep.join(
+        [str(ROOT), str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]), GPU_CHECK_MARKER=marker)
+    r = subprocess.run(["timeout", "6", sys.executable, str(ROOT / "scripts/gpu_check.py"), "--dry-run", "canary",
+                        "--limit", "120", "--cuda-timeout", "100", "--triton-timeout", "100"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 124
+    import time
+
+    time.sleep(1)
+    alive = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes():
+                alive.append(proc.name)
+        except OSError:
+            pass
+    assert not alive, f"children left running: {alive}"
