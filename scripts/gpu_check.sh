@@ -26,8 +26,9 @@
 #                        a supervised worker: a silent call is killed and the rest goes on
 #   cuda-timing    40 s  CUDA timing table; the headline EM time against the one-read roofline
 #   table7         45 s  the paper's Table 7: VGG16 CAM forward (+ CREAM T=1..4), B 1 and 32, fp32/bf16
-#   harness        45 s  cream-wsol train (VGG16, random init, 40 steps, synthetic at 224, cuda), then
-#                        evaluate with the cuda and the reference backend: metrics must agree
+#   harness        45 s  cream-wsol train (VGG16, random init, 40 steps of 16, synthetic images drawn at
+#                        96 and seen at 224, cuda), then evaluate (32 test images) with the cuda and the
+#                        reference backend at once: box metrics within 100/N points, PxAP within 0.1
 #   triton         45 s  Triton's version; configs compiled in parallel children, each under a timeout
 #   tests          50 s  pytest's GPU tests, a child per file under timeout: cluster, generic, rest
 #   sanitizer      30 s  compute-sanitizer memcheck and racecheck, our kernels only, per variant
