@@ -185,6 +185,7 @@ def run_children(jobs, parallel, deadline):
                 results[job[0]] = (125, 0.0, "not started: out of time\n")
                 log(f"{job[4]}not started: out of time")
                 continue
+            log(f"{job[4]}started (timeout {job[2]:.0f} s)")
             th = threading.Thread(target=worker, args=(job,), daemon=True)
             th.start()
             running[job[0]] = th

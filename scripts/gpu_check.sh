@@ -39,7 +39,7 @@
 #   `NAME: rc=N (Ns)` line per step; rewritten after every step), build.log, cuda.log (canary,
 #   cuda-correct, cuda-timing), e2e.log (table7, harness), triton.log, tests.log, tools.log
 #   (sanitizer, ncu), results.jsonl (one JSON line per measured row).
-# GPU_CHECK_STEPS=canary,cuda-correct (say) runs a subset (a short rerun); the others are listed as skipped.
+# GPU_CHECK_STEPS=canary,cuda-correct (say) runs build and that subset (a short rerun); the others are listed as skipped.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -100,7 +100,8 @@ write_summary() {
 }
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
-selected() { [ -z "${GPU_CHECK_STEPS:-}" ] || [[ ",$GPU_CHECK_STEPS," == *",$1,"* ]]; }
+# build always runs (on a warm machine it has nothing to do; without it nothing else can)
+selected() { [ -z "${GPU_CHECK_STEPS:-}" ] || [ "$1" = build ] || [[ ",$GPU_CHECK_STEPS," == *",$1,"* ]]; }
 # step NAME FUNCTION: runs the exported shell function in a child bash under the step's limit
 # (cut to what is left of the budget), appended to its log file as it runs.
 step() {
