@@ -484,16 +484,21 @@ def cmd_correct(args):
 def summarize_correct(log_text, state, notes, expected):
     """pass/fail per variant from the row lines of a cuda-correct run (expected: rows per variant)."""
     per = {}
-    for m in re.finditer(r"^row +\d+ .*? \| (\w+)(?:\(cpu stand-in\))? (\S+) (ok|FAIL)?", log_text, re.M):
+    ran_cluster = 0  # cluster rows whose plan ran the cluster kernel (the others fell back to generic)
+    for m in re.finditer(r"^row +\d+ .*? \| (\w+)(?:\(cpu stand-in\))? (\S+) (ok|FAIL)?.*$", log_text, re.M):
         impl, val, ok = m.group(1), m.group(2), m.group(3)
         n_ok, n = per.get(impl, (0, 0))
         per[impl] = (n_ok + (ok == "ok"), n + 1)
+        ran_cluster += impl == "cluster" and "| plan: cluster " in m.group(0)
     parts = []
     for impl in VARIANTS:
         if impl in per:
             n_ok, n = per[impl]
+            notes_i = [f"{expected - n} not measured"] if n < expected else []
+            if impl == "cluster" and "plan: dry run" not in log_text:
+                notes_i.append(f"{ran_cluster} ran the cluster kernel, {n - ran_cluster} fell back to generic by plan")
             parts.append(f"{impl} {'PASS' if n_ok == n == expected else 'FAIL'} {n_ok}/{expected} rows within "
-                         f"{BOUND:g}" + (f" ({expected - n} not measured)" if n < expected else ""))
+                         f"{BOUND:g}" + (f" ({'; '.join(notes_i)})" if notes_i else ""))
         else:
             parts.append(f"{impl} not run")
     text = "cuda-correct: " + ", ".join(parts) + (f" ({'; '.join(notes)})" if notes else "")

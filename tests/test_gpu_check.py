@@ -302,3 +302,23 @@ def test_a_step_timeout_takes_the_children_along(tmp_path):
         except OSError:
             pass
     assert not alive, f"children left running: {alive}"
+
+
+def test_correct_summary_counts_rows_per_variant():
+    """pass/fail per variant needs every expected row measured within the bound, and
+    says how many cluster rows really ran the cluster kernel (the others' plans fell
+    back to generic); a failing cluster row switches the later steps to generic."""
+    gc = _load("gpu_check", ROOT / "scripts/gpu_check.py")
+    row = "row   {i} r50 2048x28x28 B=256 bf16 nchw T=2 dot tables | {impl} {res} (0.10 s){plan}\n"
+    plan_c, plan_g = " | plan: cluster rule=C ctas_per_image=16", " | plan: generic (K > 1 classes per image)"
+    good = "".join(row.format(i=i, impl=impl, res="1.0e-06 ok", plan=(plan_c if i else plan_g) if impl == "cluster"
+                              else "") for i in range(2) for impl in ("generic", "cluster"))
+    text, cluster_bad = gc.summarize_correct(good, None, [], 2)
+    assert text == ("cuda-correct: generic PASS 2/2 rows within 0.0001, cluster PASS 2/2 rows within 0.0001 "
+                    "(1 ran the cluster kernel, 1 fell back to generic by plan)") and not cluster_bad
+    bad = good.replace("| cluster 1.0e-06 ok (0.10 s) | plan: cluster", "| cluster nan FAIL (0.10 s) | plan: cluster")
+    text, cluster_bad = gc.summarize_correct(bad, None, [], 3)
+    assert "generic FAIL 2/3 rows within 0.0001 (1 not measured)" in text and "cluster FAIL 1/3" in text
+    assert cluster_bad
+    _, cluster_bad = gc.summarize_correct(good, None, ["cluster HUNG at row 1 (no answer in 15 s)"], 2)
+    assert cluster_bad
