@@ -117,6 +117,18 @@ def build_info() -> str:
     return "" if _C is None else str(_C.build_info)
 
 
+def cuda_em_variant() -> Optional[dict]:
+    """The CUDA EM variant that ``CREAM_KERNELS_CUDA_VARIANT`` asks for (read at
+    every call, as the dispatch reads it): ``{"variant": "generic" | "cluster",
+    "why": ..., "cluster_verified_on_hardware": bool}``. ``auto`` (or unset) is
+    generic until a device run has verified the cluster kernel; ``cluster`` opts
+    in (it still runs only where its plan fits: :func:`cuda_em_plan`). A bad value
+    raises ValueError. None when the compiled module is missing or too old."""
+    if _C is None or not hasattr(_C, "cuda_em_variant"):
+        return None
+    return dict(_C.cuda_em_variant())
+
+
 def cuda_em_plan(B, d, N, dtype, channels_last=False, K=1, *, num_iters=2, trainfree=False, cosine=False,
                  weight=False, sigma_auto=False, device=None):
     """What the CUDA EM dispatch runs for features [B, d, h*w = N] of `dtype` (a
@@ -124,7 +136,9 @@ def cuda_em_plan(B, d, N, dtype, channels_last=False, K=1, *, num_iters=2, train
     ("cluster" or "generic"), ``why`` (the reason for generic), ``rule``, CTAs per
     image, shared memory per CTA, clusters resident at once, the slice rows kept
     in shared memory, the grid and the generic pixel tile. Needs a CUDA build and
-    a device; None when the build has no CUDA."""
+    a device; None when the build has no CUDA. The variant follows
+    ``CREAM_KERNELS_CUDA_VARIANT`` (:func:`cuda_em_variant`): under ``auto``
+    it is generic, with that as the reason."""
     if not with_cuda() or not hasattr(_C, "cuda_em_plan"):
         return None
     code = DTYPE_CODES[dtype] if isinstance(dtype, torch.dtype) else int(dtype)

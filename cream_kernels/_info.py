@@ -27,6 +27,11 @@ def report() -> str:
         if _ext.with_cuda():
             lines.append(f"CUDA build: {_ext._C.cuda_build_info()}")
             lines.append(f"CUDA runtime: {_ext._C.cuda_runtime_info()}")
+            try:
+                v = _ext.cuda_em_variant()
+                lines.append(f"CUDA EM variant: {v['variant']} ({v['why']})" if v else "CUDA EM variant: unknown")
+            except ValueError as exc:
+                lines.append(f"CUDA EM variant: {exc}")
         else:
             info = _ext.build_info()
             why = info.split("cuda: not built (", 1)[1].rstrip(")") if "cuda: not built (" in info else \

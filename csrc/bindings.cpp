@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "cuda/variant.h"
 #include "kernels.h"
 #ifdef CREAM_WITH_CUDA
 #include "cuda/plan_info.h"
@@ -82,6 +83,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("context_apply_cpu", &context_apply_cpu, nogil);
   m.def("context_update_cpu", &context_update_cpu, nogil);
   m.def("cpu_num_threads", &cpu_num_threads);
+  // The CUDA EM variant CREAM_KERNELS_CUDA_VARIANT asks for (csrc/cuda/variant.h),
+  // in every build: {"variant": "generic" | "cluster", "why": ...}; a bad value
+  // raises ValueError. The cluster kernel still needs a plan (cuda_em_plan).
+  m.def("cuda_em_variant", []() {
+    const EmVariantChoice c = em_variant_from_env();
+    py::dict r;
+    r["variant"] = c.variant == EmVariant::kCluster ? "cluster" : "generic";
+    r["why"] = c.why;
+    r["cluster_verified_on_hardware"] = kClusterVerifiedOnHardware;
+    return r;
+  });
 
 #ifdef CREAM_WITH_CUDA
   m.attr("with_cuda") = true;

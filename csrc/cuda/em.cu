@@ -1,49 +1,29 @@
 // em_reactivate_cuda: the one place where the EM variant is chosen.
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
 #include "em_kernels.cuh"
 #include "launch.cuh"
 #include "plan_info.h"
+#include "variant.h"
 
 namespace cream {
-namespace {
 
-// Variant choice, by environment, architecture and shape (here and nowhere else):
-//
-//   CREAM_KERNELS_CUDA_VARIANT = auto (default) | generic | cluster
-//
-//   generic  the one-CTA-per-row kernel: any GPU, any shape, every option.
-//   auto     the thread-block-cluster kernel, which keeps each image's feature
-//            map in the cluster's shared memory (F read from HBM once per call
-//            for any num_iters), whenever plan_em_cluster finds a plan (sm_90+,
-//            K = 1, a given CAM, numeric sigma, and a slice that fits: see
-//            plan_em in em_kernels.cuh); otherwise generic. cuda_em_plan
-//            reports the choice and, for generic, the reason.
-//   cluster  the same as auto (kept so scripts can name it).
-// Neither variant had run on a GPU when auto was made to prefer the cluster
-// kernel (it was verified under the emulation of tests/cuda_emu only):
-// scripts/gpu_check.sh compares both against the reference on the device.
-enum class Variant { kAuto, kGeneric };
-
-Variant variant_from_env() {
-  const char* env = std::getenv("CREAM_KERNELS_CUDA_VARIANT");
-  const char* v = env != nullptr && *env != '\0' ? env : "auto";
-  if (std::strcmp(v, "generic") == 0) return Variant::kGeneric;
-  if (std::strcmp(v, "auto") == 0 || std::strcmp(v, "cluster") == 0) return Variant::kAuto;
-  throw std::runtime_error(std::string("CREAM_KERNELS_CUDA_VARIANT must be one of auto, generic, cluster; got '") + v +
-                           "'");
-}
-
-}  // namespace
+// Variant choice, by environment, architecture and shape (here and nowhere
+// else): variant.h says which variant CREAM_KERNELS_CUDA_VARIANT asks for
+// (auto = generic until a device run has verified the cluster kernel; cluster
+// is opt-in), and the cluster kernel then runs only where plan_em_cluster finds
+// a plan (sm_90+, K = 1, a given CAM, numeric sigma, and a slice that fits: see
+// plan_em in em_kernels.cuh); otherwise generic. cuda_em_plan reports the
+// choice and, for generic, the reason. Neither variant had run on a GPU when
+// this was written (both were verified under the emulation of tests/cuda_emu
+// only): scripts/gpu_check.sh compares both against the reference on the device.
 
 void em_reactivate_cuda(const EMParams& p, int device, uintptr_t stream) {
   if (p.f.B <= 0) return;
-  const Variant variant = variant_from_env();
+  const EmVariantChoice choice = em_variant_from_env();
   cuda::DeviceGuard guard(device);
   const cudaStream_t s = cuda::as_stream(stream);
-  if (variant == Variant::kAuto) {
+  if (choice.variant == EmVariant::kCluster) {
     const cuda::EmPlan plan = cuda::plan_em_cluster(p, device);
     if (plan.cluster) {
       cuda::launch_em_cluster(p, plan.cfg, device, s);
@@ -78,7 +58,9 @@ CudaEmPlanInfo cuda_em_plan_info(int64_t B, int64_t d, int64_t N, int dtype, boo
   p.v_bg = trainfree ? nullptr : dummy;
   CudaEmPlanInfo info;
   cuda::DeviceGuard guard(device);
-  const cuda::EmPlan plan = variant_from_env() == Variant::kAuto ? cuda::plan_em_cluster(p, device) : cuda::EmPlan{};
+  const EmVariantChoice choice = em_variant_from_env();
+  const cuda::EmPlan plan =
+      choice.variant == EmVariant::kCluster ? cuda::plan_em_cluster(p, device) : cuda::EmPlan{};
   if (plan.cluster) {
     info.variant = "cluster";
     info.rule = plan.rule;
@@ -92,7 +74,7 @@ CudaEmPlanInfo cuda_em_plan_info(int64_t B, int64_t d, int64_t N, int dtype, boo
     return info;
   }
   info.variant = "generic";
-  info.why = variant_from_env() == Variant::kGeneric ? "CREAM_KERNELS_CUDA_VARIANT=generic" : plan.why;
+  info.why = choice.variant == EmVariant::kGeneric ? choice.why : plan.why;
   const cuda::EmGenericCfg c = cuda::generic_cfg_for(p, cuda::device_info(device));
   info.ctas_per_image = 1;
   info.ctas_per_sm = 2;

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "launch.cuh"
+#include "variant.h"
 
 namespace cream {
 namespace cuda {
@@ -72,8 +73,12 @@ std::string cuda_build_info() {
   }
 #endif
   os << "; cudart " << CUDART_VERSION / 1000 << "." << (CUDART_VERSION % 1000) / 10 << " (static)";
-  os << "; EM variants: cluster (sm_90, by default where its plan fits: _C.cuda_em_plan says), generic (all GPUs, "
-        "every option; CREAM_KERNELS_CUDA_VARIANT=generic forces it)";
+  if (kClusterVerifiedOnHardware)
+    os << "; EM variants: cluster (sm_90, by default where its plan fits: _C.cuda_em_plan says), generic (all GPUs, "
+          "every option; CREAM_KERNELS_CUDA_VARIANT=generic forces it)";
+  else
+    os << "; EM variants: generic (all GPUs, every option; the default), cluster (sm_90 where its plan fits; opt-in "
+          "with CREAM_KERNELS_CUDA_VARIANT=cluster, not yet verified on hardware: csrc/cuda/variant.h)";
   return os.str();
 }
 
