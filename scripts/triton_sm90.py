@@ -19,6 +19,7 @@ Sets of configs:
          classifier weight + training-free, cosine + sigma="auto", T=1, fp16) and the
          multi-row form (KB=4, d=64); ``--kernels split`` adds the split path's kernels
   ci     16 configs, every form, dtype and layout once (CI's spill check)
+  base   the configs the script compiled before issue 17 (full without the added forms)
   quick  d=2048 28x28 only (the old --quick)
 
 Load width: the feature tile's loads (tt.load of a [BLOCK_D, BLOCK_N] pointer tensor
@@ -232,7 +233,7 @@ BASE_EM = ((1, "tab", False, False), (1, "tab", True, False), (1, "w_tab", False
 
 
 def configs(which: str, kernels: str):
-    """(label, thunk) per config of the set ``which`` (full / ci / quick)."""
+    """(label, thunk) per config of the set ``which`` (full / base / ci / quick)."""
     out = []
     em_on, ctx_on, split_on = ("em" in kernels.split(",")), ("context" in kernels), ("split" in kernels)
 
@@ -266,6 +267,7 @@ def configs(which: str, kernels: str):
             ctx_(2048, 196, BF16, True, False)
             ctx_(2048, 196, F16, False, False)
         return out
+    # full = base (what the script compiled before issue 17) + the forms issue 17 added
     shapes = [(2048, 784)] if which == "quick" else [(1024, 196), (1024, 784), (2048, 196), (2048, 784)]
     for d, N in shapes:
         for dt in (F32, BF16):
@@ -318,7 +320,7 @@ def describe(r: dict) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", default="em,context")
-    ap.add_argument("--set", default="full", choices=("full", "ci", "quick"))
+    ap.add_argument("--set", default="full", choices=("full", "base", "ci", "quick"))
     ap.add_argument("--quick", action="store_true", help="same as --set quick")
     ap.add_argument("--json")
     ap.add_argument("--src", help="the checkout whose kernels are compiled (default: this one)")

@@ -745,7 +745,11 @@ def launch_config(f3, K: int) -> dict:
     kb_max = KB_MAX if triton.next_power_of_2(max(int(f3.shape[1]), 1)) <= KB_MAX_D else 1
     kb = min(int(triton.next_power_of_2(max(int(K), 1))), kb_max)
     blocks = feature_blocks(f3, kb)
-    return dict(KB=kb, groups=triton.cdiv(int(K), kb), PREFETCH=_prefetch(f3), **blocks)
+    # No hand prefetch in the fused kernel (issue 17): it holds the raw next tile (16 more
+    # registers per thread at 16 warps) on top of a live set already at the 128-register cap,
+    # and spilled 100-650 B in the cosine, classifier-weight and training-free forms on every
+    # Triton from 3.6 to 3.9. The split path's pass kernel keeps it (_prefetch).
+    return dict(KB=kb, groups=triton.cdiv(int(K), kb), PREFETCH=False, **blocks)
 
 
 def _prefetch(f3) -> bool:
