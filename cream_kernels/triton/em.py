@@ -672,7 +672,7 @@ def _split_finish(CAM, ZOUT, OUT, PICKED, SIGMA_USED, N, sigma, ratio, BLOCK_P: 
     tl.store(SIGMA_USED + r, tl.full([], 0.0, tl.float32) + sigma)
 
 
-GRID_AXIS1_MAX = 65535
+GRID_AXIS1_MAX = 65535  # CUDA's grid y/z limit: _em_kernel's images, _split_pass's rows
 SPLIT_ENV = "CREAM_KERNELS_TRITON_SPLIT"  # "0": never split; N >= 1: N chunks per row whenever it applies
 _SM_COUNT = {}
 
@@ -789,16 +789,32 @@ def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label,
     cfg = launch_config(f3, K)
     groups = cfg.pop("groups")
     dummy = out  # stands in for absent pointers; never read (constexpr-guarded)
+    by_row = has_v and not v_by_label  # per-row centroids [B*K, d]: sliced with the images
+    # Grid (groups, images): CUDA caps grid axis 1 at GRID_AXIS1_MAX, so a larger batch is
+    # launched in slices of at most that many images (issue 17). Every image starts on a
+    # multiple of the vector width (feature_blocks checks stride(0)), so each slice keeps
+    # the blocks and load widths computed for the whole batch.
     with _device_of(f3):
-        _em_kernel[(groups, B)](
-            f3, f3.stride(0), f3.stride(1), f3.stride(2),
-            cam if cam is not None else dummy, weight if has_w else dummy,
-            v_fg if has_v else dummy, v_bg if has_v else dummy, labels if labels is not None else dummy,
-            out, z, fg_out, bg_out, mix, picked, sigma_used,
-            K, d, N, int(num_iters), sig, inv, float(ratio),
-            HAS_W=has_w, HAS_V=has_v, V_BY_LABEL=bool(v_by_label), SIGMA_AUTO=sigma_auto,
-            COSINE=bool(cosine), BLOCK_P=line_block(N), num_stages=1, **cfg,
-        )
+        for b0, b1 in image_slices(B):
+            r0, r1 = b0 * K, b1 * K
+            _em_kernel[(groups, b1 - b0)](
+                f3[b0:b1], f3.stride(0), f3.stride(1), f3.stride(2),
+                cam[r0:r1] if cam is not None else dummy, weight if has_w else dummy,
+                v_fg[r0:r1] if by_row else v_fg if has_v else dummy,
+                v_bg[r0:r1] if by_row else v_bg if has_v else dummy,
+                labels[r0:r1] if labels is not None else dummy,
+                out[r0:r1], z[r0:r1], fg_out[r0:r1], bg_out[r0:r1], mix[r0:r1], picked[r0:r1], sigma_used[r0:r1],
+                K, d, N, int(num_iters), sig, inv, float(ratio),
+                HAS_W=has_w, HAS_V=has_v, V_BY_LABEL=bool(v_by_label), SIGMA_AUTO=sigma_auto,
+                COSINE=bool(cosine), BLOCK_P=line_block(N), num_stages=1, **cfg,
+            )
+
+
+def image_slices(B: int):
+    """[(b0, b1)]: the image ranges of the launches of a batch of B images, each at most
+    GRID_AXIS1_MAX (read at call time, so a test can lower it)."""
+    step = int(GRID_AXIS1_MAX)
+    return [(b0, min(B, b0 + step)) for b0 in range(0, int(B), step)]
 
 
 def _device_of(t: torch.Tensor):
