@@ -84,7 +84,9 @@ def cell(r):
     if r is None:
         return "-"
     lb = r.get("load_bytes")
-    return f"{r['regs']} / {r['spill_bytes']} / {'-' if lb is None else lb} / {r['compile_s']:.1f}"
+    cpu = r.get("compile_cpu_s")
+    return (f"{r['regs']} / {r['spill_bytes']} / {'-' if lb is None else lb} / {r['compile_s']:.1f}"
+            + ("" if cpu is None else f" ({cpu:.1f})"))
 
 
 lines = [f"# Triton sm_90a compile matrix ({datetime.date.today().isoformat()})", "",
@@ -92,7 +94,8 @@ lines = [f"# Triton sm_90a compile matrix ({datetime.date.today().isoformat()})"
          f"Triton {', '.join(versions)}; torch {', '.join(sorted(torch_v))} (CPU); ptxas: each Triton's own for sm_90.",
          f"Load average (1/5/15 min) at start {load0}, at end {load1}: compile seconds are wall time on this "
          f"machine at that load.", "",
-         "Cell: registers / spill bytes (stores + loads) / feature-load width in bytes / compile seconds.", "",
+         "Cell: registers / spill bytes (stores + loads) / feature-load width in bytes / compile seconds, wall "
+         "(CPU: this process + its ptxas; about the idle wall time).", "",
          "| config | " + " | ".join(versions) + " |", "|---|" + "---|" * len(versions)]
 for key in order:
     lines.append(f"| {key} | " + " | ".join(cell(cells[key].get(v)) for v in versions) + " |")
@@ -107,7 +110,10 @@ for v in versions:
         parts.append(f"{kern}: max spill {max(r['spill_bytes'] for r in rows)} B, "
                      f"regs {min(r['regs'] for r in rows)}-{max(r['regs'] for r in rows)}, "
                      + (f"loads >= {min(loads)} B, " if loads else "")
-                     + f"compile <= {max(r['compile_s'] for r in rows):.1f} s, {len(rows)} configs")
+                     + f"compile <= {max(r['compile_s'] for r in rows):.1f} s"
+                     + (f" ({max(r['compile_cpu_s'] for r in rows):.1f} s CPU)" if all("compile_cpu_s" in r for r in rows)
+                        else "")
+                     + f", {len(rows)} configs")
     lines.append(f"- Triton {v}: " + "; ".join(parts))
 lines.append("")
 lines.append(f"{len(order)} configs per version.")

@@ -10,7 +10,9 @@ launch parameters the launchers would pick (cream_kernels.triton.em.launch_confi
 _common.feature_blocks), and the PTX goes through the ptxas Triton itself uses
 for sm_90 (its bundled one, or TRITON_PTXAS_PATH) with -v. Must run WITHOUT
 TRITON_INTERPRET. Each run compiles into a fresh Triton cache, so the compile
-seconds are real (triton.compile, which runs ptxas once itself).
+seconds are real (triton.compile, which runs ptxas once itself): wall time and
+CPU time (this process + the ptxas it waits for; single-threaded, so about the
+wall time on an idle machine, and robust to load).
 
 Sets of configs:
   full   the SPEC.md benchmark shapes (d 1024/2048 x 14x14/28x28) x fp32/bf16 x
@@ -35,6 +37,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -106,14 +109,20 @@ def _sig(fn, args: dict, consts: dict):
     return sig, constexprs, attrs
 
 
+def _cpu_s() -> float:
+    """CPU seconds of this process and its waited-for children (the ptxas Triton runs)."""
+    a, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + c.ru_utime + c.ru_stime
+
+
 def compile_kernel(fn, args, consts, num_warps, num_stages=1, tile=None):
     """Compile fn for sm_90a; ``tile`` = (BLOCK_D, BLOCK_N, unit-stride axis) picks the
     feature loads whose width is reported."""
     sig, constexprs, attrs = _sig(fn, args, consts)
     src = ASTSource(fn.fn if hasattr(fn, "fn") and not hasattr(fn, "arg_names") else fn, sig, constexprs, attrs)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     k = triton.compile(src, target=TARGET, options=dict(num_warps=num_warps, num_stages=num_stages))
-    compile_s = time.perf_counter() - t0
+    compile_s, compile_cpu_s = time.perf_counter() - t0, _cpu_s() - c0
     ptx = k.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         p = os.path.join(tmp, "k.ptx")
@@ -149,7 +158,8 @@ def compile_kernel(fn, args, consts, num_warps, num_stages=1, tile=None):
         if f_loads:
             load_bytes = min(spt[axis] for spt in f_loads) * esize
     return dict(regs=regs, spill_bytes=spill_st + spill_ld, shared=smem, ld_global=widths, f_load_spt=f_loads,
-                load_bytes=load_bytes, compile_s=round(compile_s, 2), cp_async=ptx.count("cp.async"),
+                load_bytes=load_bytes, compile_s=round(compile_s, 2),
+                compile_cpu_s=round(compile_cpu_s, 2), cp_async=ptx.count("cp.async"),
                 bar_sync=ptx.count("bar.sync"))
 
 
@@ -320,7 +330,7 @@ def describe(r: dict) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernels", default="em,context")
-    ap.add_argument("--set", default="full", choices=("full", "base", "ci", "quick"))
+    ap.add_argument("--set", default="full", help="full, base, ci or quick, or several joined by commas")
     ap.add_argument("--quick", action="store_true", help="same as --set quick")
     ap.add_argument("--json")
     ap.add_argument("--src", help="the checkout whose kernels are compiled (default: this one)")
@@ -328,16 +338,20 @@ def main():
                     help="exit 1 when a config spills more than BYTES")
     ap.add_argument("--table", action="store_true", help="one line per config instead of JSON lines")
     a = ap.parse_args()
+    for w in a.set.split(","):
+        if w not in ("full", "base", "ci", "quick"):
+            ap.error(f"--set {a.set!r}: expected full, base, ci or quick (comma-separated)")
     which = "quick" if a.quick else a.set
     rows = []
     print(f"# triton {triton.__version__}, torch {torch.__version__}, ptxas {PTXAS}, set {which}", flush=True)
-    for _kind, thunk in configs(which, a.kernels):
+    for _kind, thunk in [c for w in which.split(",") for c in configs(w, a.kernels)]:
         r = thunk()
         rows.append(r)
         if a.table:
             lb = r.get("load_bytes")
             print(f"{describe(r):48s} regs {r['regs']:4d}  spill {r['spill_bytes']:7d} B  "
-                  f"load {('-' if lb is None else str(lb) + ' B'):>5s}  {r['compile_s']:6.1f} s", flush=True)
+                  f"load {('-' if lb is None else str(lb) + ' B'):>5s}  {r['compile_s']:6.1f} s "
+                  f"({r['compile_cpu_s']:.1f} s CPU)", flush=True)
         else:
             out = {k: v for k, v in r.items() if k != "ld_global"}
             print(json.dumps(out), flush=True)
