@@ -8,7 +8,9 @@ backend contract, csrc/kernels.h EMParams). Grid ``(ceil(K / KB), B)``:
 program (g, b) owns rows b*K + g*KB ... + KB-1 of image b, KB =
 min(next_pow2(K), KB_MAX = 4) for d <= 64 and 1 above, and everything about
 them (CAM statistics, centroids, mixing weights, sigma, calibration), so nothing crosses programs: no host round
-trip, no ``.item()``, no per-image Python loop, deterministic.
+trip, no ``.item()``, no per-image Python loop, deterministic. CUDA caps grid
+axis 1 at 65,535 (``GRID_AXIS1_MAX``): a larger batch is launched in slices of
+at most that many images (``image_slices``; issue 17).
 
 Every pass over the features walks pixel tiles of the image's [d, N] matrix;
 a tile holds *all* d channels of BLOCK_N pixels (``_common.feature_blocks``),
@@ -55,34 +57,53 @@ bytes, not by a fixed element count. BLOCK_D = next_pow2(d); BLOCK_N the
 largest power of 2 with the tile at <= 32 float32 registers per thread and
 the 3 x KB row vectors at <= 48, and in NCHW at least one whole 16-byte
 vector per channel row (the old fixed 8192-element NCHW tile gave bf16
-d=2048 4 pixels = 8-byte loads; now 8 pixels = 16 bytes). Pipelining: the
-next tile's loads are issued into registers before the current tile is
-reduced (PREFETCH; Triton 3.9's num_stages pipeliner only stages loads that
-feed tl.dot, and gave identical PTX with num_stages=3: no cp.async).
+d=2048 4 pixels = 8-byte loads; now 8 pixels = 16 bytes).
 
-Compile-time figures (sm_90a, Triton 3.9, the ptxas Triton uses, -v, via
-``scripts/triton_sm90.py``; no GPU here, so no timings). d=2048, 28x28,
-tables, dot, K=1, 16 warps; "load" is the feature tile's per-thread run
-(TTGIR sizePerThread along the unit-stride axis; PTX ld.global.v4 present):
+Register shapes (issue 17): a one-row program (KB = 1, every d > 64) keeps
+its d-vectors (logit weight, M-step sums, centroids) as 1-D [BLOCK_D] tensors,
+its per-pixel values as [BLOCK_N] and its per-row values as scalars; only KB > 1
+uses [KB, X] tensors (the ``_r*`` helpers pick the form). The older [1, BLOCK_D]
+form made each tile reduction change layout before it was expanded, and Triton
+3.6 to 3.8 put it in the tile's own layout, where a d-long vector is repeated
+over the tile's pixel columns (1024 floats per thread at d=2048): every
+config spilled (32-40 registers, 10-234 KB), and 3.9 spilled too in the forms
+the old check did not compile (121 KB for bf16 channels_last cosine). In the
+1-D form a d-vector is a tile reduction along pixels, or is broadcast back onto
+the tile, so its layout is the tile's row slice and no such choice exists.
+No hand prefetch in this kernel: holding the raw next tile (16 registers per
+thread) on a live set at the 128-register cap spilled 100-650 B in the cosine,
+classifier-weight and training-free forms with 16-bit features, on 3.6 to 3.9
+alike (Triton's num_stages pipeliner only stages loads that feed tl.dot and
+gave identical PTX with num_stages=3: no cp.async). The split path's pass
+kernel, with a smaller live set, keeps it (PREFETCH for 16-bit features).
 
-    before (f4f3515..6574a19)        regs  spills  BLOCK_N  feature load
-      fp32 NCHW / CL                 98 / 118   0 / 0    4 / 8   16 B / 16 B
-      bf16 NCHW / CL                 98 / 128   0 / 0    4 / 8    8 B / 16 B
-    after (this file)
-      fp32 NCHW / CL (no prefetch)   124 / 123  0 / 0    8 / 8   16 B / 16 B
-      bf16 NCHW / CL (prefetch)      128 / 128  0 / 8 B  8 / 8   16 B / 16 B
+Compile-time figures: sm_90a, the ptxas each Triton uses, -v, via
+``scripts/triton_sm90.py`` (no GPU); ``scripts/triton_matrix.sh`` runs it in a
+venv per Triton version (torch 2.13.0 CPU beside it). The committed table,
+benchmarks/results/triton_sm90_matrix_2026-12-03.md (the CI set of 16 configs:
+every EM form, the split and context kernels, fp32/bf16/fp16, NCHW and
+channels_last, d=2048 and the KB=4 form at d=64); per version, _em_kernel's
+max spills, registers, narrowest feature load, max compile seconds:
 
-  so bf16 NCHW now loads 16-byte vectors (8 pixels per channel row) and keeps
-  the next tile in flight; the fp32 tile doubles in NCHW (8 pixels, 64 KiB
-  per program in flight). The hand prefetch is off for fp32: it spilled
-  224 B (NCHW) / 24 B (CL) at d=2048. num_stages=3 gave the same PTX as 1
-  (no cp.async). The K-row form (KB > 1, [KB, d, n] products) spilled
-  13 KB at d=2048 and used 255 registers with spills at d=256, so KB > 1 is
-  used only for d <= 64 (d=64, K=4, 28x28: 168 registers, 0 B spills fp32
-  NCHW, 56 B bf16 channels_last); larger d run one row per program, the K
-  programs of an image adjacent in the grid (axis 0), so they run at the same
-  time and the image's second to K-th reads come from L2 rather than HBM
-  (the number of HBM passes is to be measured with ncu on a GPU).
+    Triton 3.6.0 (torch 2.11)   max 176 B spills, 111-205 registers, loads >= 8 B, <= 21 s
+    Triton 3.7.1                max 100 B spills, 107-168 registers, loads >= 8 B, <= 20 s
+    Triton 3.8.0 (torch 2.14)   max  40 B spills, 102-168 registers, loads >= 8 B, <= 16 s
+    Triton 3.9.0                max  56 B spills,  93-184 registers, loads >= 8 B, <= 12 s
+
+  (compile seconds are wall time at a load average of 11-13 on 2 cores, the
+  longest being the KB=4 form; the table also gives CPU seconds where measured).
+
+  Feature loads are as wide as at d78afad config by config (16 B, or 8 B where
+  14x14 rows of 16-bit values allow no wider vector). Before (d78afad, same
+  script): Triton 3.6-3.8 spilled in every config (32-40 registers, 10-234 KB,
+  up to 71 s to compile one); 3.9 spilled in the
+  forms that check did not compile (benchmarks/results/triton_sm90_baseline_d78afad_2026-12-03.md).
+  The K-row form (KB > 1, [KB, d, n] products) spilled 13 KB at d=2048 and
+  used 255 registers with spills at d=256, so KB > 1 is used only for d <= 64;
+  larger d run one row per program, the K programs of an image adjacent in the
+  grid (axis 0), so they run at the same time and the image's second to K-th
+  reads come from L2 rather than HBM (the number of HBM passes is to be
+  measured with ncu on a GPU). Timings wait for a GPU.
 
 Small batches (issue 11 section 3): with R = B*K rows filling under half of
 the SMs, the inference form (given CAM, learned centroids, numeric sigma)
@@ -96,9 +117,11 @@ for a GPU to measure (CREAM_KERNELS_TRITON_SPLIT=0 turns it off, =P forces P
 chunks). The classifier-weight, training-free and sigma = "auto" forms are
 not split (their extra passes would need more launch pairs). Compiled for
 sm_90a (scripts/triton_sm90.py --kernels split --quick; d=2048, 28x28,
-tiles_per_chunk = 3 as a runtime value, 2026-12-02): the pass kernel 86-128 registers, 0 B spills, 16-byte feature
+tiles_per_chunk = 3 as a runtime value, 2026-12-02, Triton 3.9): the pass kernel 86-128 registers, 0 B spills, 16-byte feature
 loads (ld.global.v4) in fp32/bf16, NCHW and channels_last, E+M, last E-step
-and cosine alike; the reduce kernel 40 registers, 0 B spills.
+and cosine alike; the reduce kernel 40 registers, 0 B spills. Its kernels run
+one row each, so they use the 1-D forms too; the matrix above has them on
+every Triton version.
 triton.autotune is not used: under TRITON_INTERPRET=1 it would run every
 config on CPU (slow CI), and the choice above is set by the register budget
 checked with ptxas.
@@ -124,9 +147,10 @@ from ._common import (
 # per pass. Bounded by the [KB, BLOCK_D] vectors a pass keeps in registers.
 KB_MAX = 4
 KB_MAX_D = 64  # above this BLOCK_D one program runs one row (KB > 1 spilled at d >= 256: see the doc)
-# Software pipelining of the tile loop (see the module doc): Triton 3.9's
+# Software pipelining of the split path's tile loop (see the module doc): Triton's
 # num_stages pipeliner only stages loads that feed tl.dot, so the next tile is
-# loaded by hand into registers while the current one is reduced.
+# loaded by hand into registers while the current one is reduced. _em_kernel does
+# not (launch_config: PREFETCH=False; it spilled there, issue 17).
 PREFETCH_MAX_ESIZE = 2  # bf16/fp16 only: the raw next tile costs half the registers of fp32's (which spilled)
 
 # Sweep modes: what one pass over an image's features computes for its KB rows.
