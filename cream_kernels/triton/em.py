@@ -82,22 +82,25 @@ Compile-time figures: sm_90a, the ptxas each Triton uses, -v, via
 venv per Triton version (torch 2.13.0 CPU beside it). The committed table,
 benchmarks/results/triton_sm90_matrix_2026-12-03.md (the CI set of 16 configs:
 every EM form, the split and context kernels, fp32/bf16/fp16, NCHW and
-channels_last, d=2048 and the KB=4 form at d=64); per version, _em_kernel's
-max spills, registers, narrowest feature load, max compile seconds:
+channels_last, d=2048 and the KB=4 form at d=64; plus --set quick, d=2048
+28x28: 56 distinct configs, 30 of _em_kernel); per version, _em_kernel's max
+spills, registers, narrowest feature load, max compile CPU seconds:
 
-    Triton 3.6.0 (torch 2.11)   max 176 B spills, 111-205 registers, loads >= 8 B, <= 21 s
-    Triton 3.7.1                max 100 B spills, 107-168 registers, loads >= 8 B, <= 20 s
-    Triton 3.8.0 (torch 2.14)   max  40 B spills, 102-168 registers, loads >= 8 B, <= 16 s
-    Triton 3.9.0                max  56 B spills,  93-184 registers, loads >= 8 B, <= 12 s
+    Triton 3.6.0 (torch 2.11)   max 176 B spills, 104-205 registers, loads >= 8 B, <= 2.5 s
+    Triton 3.7.1                max 100 B spills, 104-168 registers, loads >= 8 B, <= 2.1 s
+    Triton 3.8.0 (torch 2.14)   max  40 B spills, 102-168 registers, loads >= 8 B, <= 2.0 s
+    Triton 3.9.0                max  56 B spills,  93-184 registers, loads >= 8 B, <= 2.9 s
 
-  (compile seconds are wall time at a load average of 11-13 on 2 cores, the
-  longest being the KB=4 form; the table also gives CPU seconds where measured).
+  (CPU seconds of triton.compile and its ptxas, about the idle wall time; the
+  wall time under a load average of 7-12 on 2 cores was <= 14 s). Context
+  kernel <= 8 B, split pass <= 40 B, split reduce 0 B on every version.
 
   Feature loads are as wide as at d78afad config by config (16 B, or 8 B where
-  14x14 rows of 16-bit values allow no wider vector). Before (d78afad, same
-  script): Triton 3.6-3.8 spilled in every config (32-40 registers, 10-234 KB,
-  up to 71 s to compile one); 3.9 spilled in the
-  forms that check did not compile (benchmarks/results/triton_sm90_baseline_d78afad_2026-12-03.md).
+  14x14 rows of 16-bit values allow no wider vector). Before (d78afad): Triton
+  3.6-3.8 spilled in every config (32-40 registers, 10-234 KB, up to 71 s to
+  compile one: issue 17's figures); 3.9 spilled up to 210 KB in the forms the
+  old check did not compile (benchmarks/results/triton_sm90_baseline_d78afad_2026-12-03.md,
+  the CI set at d78afad with this script).
   The K-row form (KB > 1, [KB, d, n] products) spilled 13 KB at d=2048 and
   used 255 registers with spills at d=256, so KB > 1 is used only for d <= 64;
   larger d run one row per program, the K programs of an image adjacent in the
