@@ -189,6 +189,31 @@ def test_em_split_path_vs_reference(monkeypatch, mode, cl, cosine):
         run_kernel(case, T=2)
 
 
+@pytest.mark.parametrize("mode,d,K", [("w_tab", 72, 2), ("rows", 37, 5), ("cam", 72, 1)])
+def test_em_batches_beyond_grid_axis1(monkeypatch, mode, d, K):
+    """Issue 17: _em_kernel's grid puts the images on axis 1, which CUDA caps at 65,535;
+    a larger batch is launched in slices of at most GRID_AXIS1_MAX images. The limit is
+    lowered to 4 here (B = 9: launches of 4, 4 and 1 images), with per-row centroids
+    (sliced with the images), K spanning two programs (d=37, K=5) and the classifier
+    weight; the result equals the one-launch result and the float64 reference. A forced
+    split of more rows than the limit also falls back to the sliced kernel."""
+    case = make_case(9, d, 21, K, mode, seed=17 + K)
+    whole = run_kernel(case, T=2)
+    calls = []
+    monkeypatch.setattr(tem, "GRID_AXIS1_MAX", 4)
+    monkeypatch.setattr(tem, "_em_kernel", _Counting(tem._em_kernel, "_em_kernel", calls))
+    assert tem.image_slices(9) == [(0, 4), (4, 8), (8, 9)]
+    for env in ("", "3"):
+        monkeypatch.setenv(tem.SPLIT_ENV, env)
+        calls.clear()
+        outs = run_kernel(case, T=2)
+        assert calls == ["_em_kernel"] * 3
+        check(outs, ref_rows(case["f3"], case["cam"], case["weight"], case["v_fg"], case["v_bg"], case["labels"],
+                             case["K"], case["v_by_label"], 2, 8.0, False, 0.2, False), tol=2e-5)
+        for a, b in zip(outs, whole):
+            assert torch.equal(a, b)
+
+
 def test_em_split_default_rule(monkeypatch):
     monkeypatch.delenv(tem.SPLIT_ENV, raising=False)
     blocks = dict(BLOCK_N=16, VEC_N=4)

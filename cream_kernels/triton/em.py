@@ -8,7 +8,9 @@ backend contract, csrc/kernels.h EMParams). Grid ``(ceil(K / KB), B)``:
 program (g, b) owns rows b*K + g*KB ... + KB-1 of image b, KB =
 min(next_pow2(K), KB_MAX = 4) for d <= 64 and 1 above, and everything about
 them (CAM statistics, centroids, mixing weights, sigma, calibration), so nothing crosses programs: no host round
-trip, no ``.item()``, no per-image Python loop, deterministic.
+trip, no ``.item()``, no per-image Python loop, deterministic. CUDA caps grid
+axis 1 at 65,535 (``GRID_AXIS1_MAX``): a larger batch is launched in slices of
+at most that many images (``image_slices``; issue 17).
 
 Every pass over the features walks pixel tiles of the image's [d, N] matrix;
 a tile holds *all* d channels of BLOCK_N pixels (``_common.feature_blocks``),
@@ -55,34 +57,56 @@ bytes, not by a fixed element count. BLOCK_D = next_pow2(d); BLOCK_N the
 largest power of 2 with the tile at <= 32 float32 registers per thread and
 the 3 x KB row vectors at <= 48, and in NCHW at least one whole 16-byte
 vector per channel row (the old fixed 8192-element NCHW tile gave bf16
-d=2048 4 pixels = 8-byte loads; now 8 pixels = 16 bytes). Pipelining: the
-next tile's loads are issued into registers before the current tile is
-reduced (PREFETCH; Triton 3.9's num_stages pipeliner only stages loads that
-feed tl.dot, and gave identical PTX with num_stages=3: no cp.async).
+d=2048 4 pixels = 8-byte loads; now 8 pixels = 16 bytes).
 
-Compile-time figures (sm_90a, Triton 3.9, the ptxas Triton uses, -v, via
-``scripts/triton_sm90.py``; no GPU here, so no timings). d=2048, 28x28,
-tables, dot, K=1, 16 warps; "load" is the feature tile's per-thread run
-(TTGIR sizePerThread along the unit-stride axis; PTX ld.global.v4 present):
+Register shapes (issue 17): a one-row program (KB = 1, every d > 64) keeps
+its d-vectors (logit weight, M-step sums, centroids) as 1-D [BLOCK_D] tensors,
+its per-pixel values as [BLOCK_N] and its per-row values as scalars; only KB > 1
+uses [KB, X] tensors (the ``_r*`` helpers pick the form). The older [1, BLOCK_D]
+form made each tile reduction change layout before it was expanded, and Triton
+3.6 to 3.8 put it in the tile's own layout, where a d-long vector is repeated
+over the tile's pixel columns (1024 floats per thread at d=2048): every
+config spilled (32-40 registers, 10-234 KB), and 3.9 spilled too in the forms
+the old check did not compile (121 KB for bf16 channels_last cosine). In the
+1-D form a d-vector is a tile reduction along pixels, or is broadcast back onto
+the tile, so its layout is the tile's row slice and no such choice exists.
+No hand prefetch in this kernel: holding the raw next tile (16 registers per
+thread) on a live set at the 128-register cap spilled 100-650 B in the cosine,
+classifier-weight and training-free forms with 16-bit features, on 3.6 to 3.9
+alike (Triton's num_stages pipeliner only stages loads that feed tl.dot and
+gave identical PTX with num_stages=3: no cp.async). The split path's pass
+kernel, with a smaller live set, keeps it (PREFETCH for 16-bit features).
 
-    before (f4f3515..6574a19)        regs  spills  BLOCK_N  feature load
-      fp32 NCHW / CL                 98 / 118   0 / 0    4 / 8   16 B / 16 B
-      bf16 NCHW / CL                 98 / 128   0 / 0    4 / 8    8 B / 16 B
-    after (this file)
-      fp32 NCHW / CL (no prefetch)   124 / 123  0 / 0    8 / 8   16 B / 16 B
-      bf16 NCHW / CL (prefetch)      128 / 128  0 / 8 B  8 / 8   16 B / 16 B
+Compile-time figures: sm_90a, the ptxas each Triton uses, -v, via
+``scripts/triton_sm90.py`` (no GPU); ``scripts/triton_matrix.sh`` runs it in a
+venv per Triton version (torch 2.13.0 CPU beside it). The committed table,
+benchmarks/results/triton_sm90_matrix_2026-12-03.md (the CI set of 16 configs:
+every EM form, the split and context kernels, fp32/bf16/fp16, NCHW and
+channels_last, d=2048 and the KB=4 form at d=64; plus --set quick, d=2048
+28x28: 56 distinct configs, 30 of _em_kernel); per version, _em_kernel's max
+spills, registers, narrowest feature load, max compile CPU seconds:
 
-  so bf16 NCHW now loads 16-byte vectors (8 pixels per channel row) and keeps
-  the next tile in flight; the fp32 tile doubles in NCHW (8 pixels, 64 KiB
-  per program in flight). The hand prefetch is off for fp32: it spilled
-  224 B (NCHW) / 24 B (CL) at d=2048. num_stages=3 gave the same PTX as 1
-  (no cp.async). The K-row form (KB > 1, [KB, d, n] products) spilled
-  13 KB at d=2048 and used 255 registers with spills at d=256, so KB > 1 is
-  used only for d <= 64 (d=64, K=4, 28x28: 168 registers, 0 B spills fp32
-  NCHW, 56 B bf16 channels_last); larger d run one row per program, the K
-  programs of an image adjacent in the grid (axis 0), so they run at the same
-  time and the image's second to K-th reads come from L2 rather than HBM
-  (the number of HBM passes is to be measured with ncu on a GPU).
+    Triton 3.6.0 (torch 2.11)   max 176 B spills, 104-205 registers, loads >= 8 B, <= 2.5 s
+    Triton 3.7.1                max 100 B spills, 104-168 registers, loads >= 8 B, <= 2.1 s
+    Triton 3.8.0 (torch 2.14)   max  40 B spills, 102-168 registers, loads >= 8 B, <= 2.0 s
+    Triton 3.9.0                max  56 B spills,  93-184 registers, loads >= 8 B, <= 2.9 s
+
+  (CPU seconds of triton.compile and its ptxas, about the idle wall time; the
+  wall time under a load average of 7-12 on 2 cores was <= 14 s). Context
+  kernel <= 8 B, split pass <= 40 B, split reduce 0 B on every version.
+
+  Feature loads are as wide as at d78afad config by config (16 B, or 8 B where
+  14x14 rows of 16-bit values allow no wider vector). Before (d78afad): Triton
+  3.6-3.8 spilled in every config (32-40 registers, 10-234 KB, up to 71 s to
+  compile one: issue 17's figures); 3.9 spilled up to 210 KB in the forms the
+  old check did not compile (benchmarks/results/triton_sm90_baseline_d78afad_2026-12-03.md,
+  the CI set at d78afad with this script).
+  The K-row form (KB > 1, [KB, d, n] products) spilled 13 KB at d=2048 and
+  used 255 registers with spills at d=256, so KB > 1 is used only for d <= 64;
+  larger d run one row per program, the K programs of an image adjacent in the
+  grid (axis 0), so they run at the same time and the image's second to K-th
+  reads come from L2 rather than HBM (the number of HBM passes is to be
+  measured with ncu on a GPU). Timings wait for a GPU.
 
 Small batches (issue 11 section 3): with R = B*K rows filling under half of
 the SMs, the inference form (given CAM, learned centroids, numeric sigma)
@@ -96,9 +120,11 @@ for a GPU to measure (CREAM_KERNELS_TRITON_SPLIT=0 turns it off, =P forces P
 chunks). The classifier-weight, training-free and sigma = "auto" forms are
 not split (their extra passes would need more launch pairs). Compiled for
 sm_90a (scripts/triton_sm90.py --kernels split --quick; d=2048, 28x28,
-tiles_per_chunk = 3 as a runtime value, 2026-12-02): the pass kernel 86-128 registers, 0 B spills, 16-byte feature
+tiles_per_chunk = 3 as a runtime value, 2026-12-02, Triton 3.9): the pass kernel 86-128 registers, 0 B spills, 16-byte feature
 loads (ld.global.v4) in fp32/bf16, NCHW and channels_last, E+M, last E-step
-and cosine alike; the reduce kernel 40 registers, 0 B spills.
+and cosine alike; the reduce kernel 40 registers, 0 B spills. Its kernels run
+one row each, so they use the 1-D forms too; the matrix above has them on
+every Triton version.
 triton.autotune is not used: under TRITON_INTERPRET=1 it would run every
 config on CPU (slow CI), and the choice above is set by the register budget
 checked with ptxas.
@@ -124,9 +150,10 @@ from ._common import (
 # per pass. Bounded by the [KB, BLOCK_D] vectors a pass keeps in registers.
 KB_MAX = 4
 KB_MAX_D = 64  # above this BLOCK_D one program runs one row (KB > 1 spilled at d >= 256: see the doc)
-# Software pipelining of the tile loop (see the module doc): Triton 3.9's
+# Software pipelining of the split path's tile loop (see the module doc): Triton's
 # num_stages pipeliner only stages loads that feed tl.dot, so the next tile is
-# loaded by hand into registers while the current one is reduced.
+# loaded by hand into registers while the current one is reduced. _em_kernel does
+# not (launch_config: PREFETCH=False; it spilled there, issue 17).
 PREFETCH_MAX_ESIZE = 2  # bf16/fp16 only: the raw next tile costs half the registers of fp32's (which spilled)
 
 # Sweep modes: what one pass over an image's features computes for its KB rows.
@@ -146,30 +173,111 @@ def _log_ratio(a_fg, a_bg):
     return lf - lb
 
 
+# Row-rank helpers. A program carries KB EM rows. With KB > 1 a per-row value is a [KB]
+# vector, a per-row d-vector [KB, BLOCK_D] and a per-row pixel vector [KB, BLOCK_N]; with
+# KB = 1 (every d > KB_MAX_D) they are a scalar, a [BLOCK_D] and a [BLOCK_N] vector, never
+# a [1, X] tensor. That matters to the compiler: a [1, BLOCK_D] vector made by expanding a
+# tile reduction ([BLOCK_D] along the tile's rows) has to change layout, and Triton 3.6 to
+# 3.8 placed it in the tile's own layout, where the d-long vector is replicated over the
+# tile's pixel columns: 1024 float32 per thread at d=2048, 10-234 KB of spills (issue 17).
+# In the 1-D form every d-vector is a reduction of the tile along pixels or is broadcast
+# back onto it, so its natural layout is the tile's row slice and there is no such choice.
+
+
+@device_fn
+def _rc(x, KB: tl.constexpr):
+    """A per-row value against a per-row vector: x[:, None]; KB = 1: x (a scalar)."""
+    if KB == 1:
+        return x
+    else:
+        return x[:, None]
+
+
+@device_fn
+def _rp(x, KB: tl.constexpr):
+    """A pixel/channel vector against per-row vectors: x[None, :]; KB = 1: x."""
+    if KB == 1:
+        return x
+    else:
+        return x[None, :]
+
+
+@device_fn
+def _rmask(kvalid, m, KB: tl.constexpr):
+    """Per-row mask: row valid and m ([KB, X]). KB = 1: m alone (the program's one row
+    always exists: the grid has exactly K programs per image, and the split kernels
+    one per row; the interpreter also turns a scalar & vector of int1 into int32)."""
+    if KB == 1:
+        return m
+    else:
+        return kvalid[:, None] & m[None, :]
+
+
+@device_fn
+def _rsum(x, KB: tl.constexpr):
+    """Per-row sum over the last axis: [KB, X] -> [KB]; KB = 1: [X] -> scalar."""
+    if KB == 1:
+        return tl.sum(x, axis=0)
+    else:
+        return tl.sum(x, axis=1)
+
+
+@device_fn
+def _rmin(x, KB: tl.constexpr):
+    if KB == 1:
+        return tl.min(x, axis=0)
+    else:
+        return tl.min(x, axis=1)
+
+
+@device_fn
+def _rmax(x, KB: tl.constexpr):
+    if KB == 1:
+        return tl.max(x, axis=0)
+    else:
+        return tl.max(x, axis=1)
+
+
+@device_fn
+def _rfull(X: tl.constexpr, value: tl.constexpr, KB: tl.constexpr):
+    """float32 per-row vectors of length X filled with value ([KB, X]; KB = 1: [X])."""
+    if KB == 1:
+        return tl.full([X], value, tl.float32)
+    else:
+        return tl.full([KB, X], value, tl.float32)
+
+
+@device_fn
+def _rscalar(value: tl.constexpr, KB: tl.constexpr):
+    """float32 per-row values ([KB]; KB = 1: a scalar)."""
+    if KB == 1:
+        return tl.full([], value, tl.float32)
+    else:
+        return tl.full([KB], value, tl.float32)
+
+
 @device_fn
 def _rows_dot(f, w2, KB: tl.constexpr):
-    """[KB, BLOCK_N]: w2[k] . f_i for every row k and pixel i of the tile.
-    KB = 1 keeps the 2-D form (a [BLOCK_D] vector times the tile): the 3-D
-    broadcast changes Triton's tile layout (fp32 NCHW loads fell to 8 bytes)."""
+    """Per-row pixel vectors: w2[k] . f_i for every row k and pixel i of the tile."""
     if KB == 1:
-        return tl.sum(f * tl.sum(w2, axis=0)[:, None], axis=0)[None, :]
+        return tl.sum(f * w2[:, None], axis=0)
     else:
         return tl.sum(w2[:, :, None] * f[None, :, :], axis=1)
 
 
 @device_fn
 def _rows_wsum(f, z, KB: tl.constexpr):
-    """[KB, BLOCK_D]: sum_i z[k, i] f_i for every row k."""
+    """Per-row d-vectors: sum_i z[k, i] f_i for every row k."""
     if KB == 1:
-        return tl.sum(f * tl.sum(z, axis=0)[None, :], axis=1)[None, :]
+        return tl.sum(f * z[None, :], axis=1)
     else:
         return tl.sum(f[None, :, :] * z[:, None, :], axis=2)
 
 
 @device_fn
-def _cos_normalize(v):
-    """Each row of v [KB, BLOCK_D] divided by max(||row||, eps)."""
-    return v * inv_norm(tl.sum(v * v, axis=1))[:, None]
+def _cos_normalize(v, KB: tl.constexpr):
+    """Each row's d-vector divided by max(||row||, eps)."""
+    return v * _rc(inv_norm(_rsum(v * v, KB)), KB)
 
 
 @device_fn
@@ -182,15 +290,15 @@ def _sweep(
 ):
     """One pass over the image's features for its KB rows (see the module doc).
 
-    Returns (s1, s2 [KB, BLOCK_D], m1, m2 [KB], lo, hi [KB]): the M-step or
-    masked sums and their masses (zeros where MODE has none), and the CAM's
-    min/max (computed here when DO_CAM, else the lo/hi given)."""
-    s1 = tl.zeros([KB, BLOCK_D], tl.float32)
-    s2 = tl.zeros([KB, BLOCK_D], tl.float32)
-    m1 = tl.zeros([KB, BLOCK_N], tl.float32)
-    m2 = tl.zeros([KB, BLOCK_N], tl.float32)
-    lo_v = tl.full([KB, BLOCK_N], float("inf"), tl.float32)
-    hi_v = tl.full([KB, BLOCK_N], float("-inf"), tl.float32)
+    Returns (s1, s2, m1, m2, lo, hi): the M-step or masked sums (per-row d-vectors)
+    and their masses (zeros where MODE has none), and the CAM's min/max (computed
+    here when DO_CAM, else the lo/hi given)."""
+    s1 = _rfull(BLOCK_D, 0.0, KB)
+    s2 = _rfull(BLOCK_D, 0.0, KB)
+    m1 = _rfull(BLOCK_N, 0.0, KB)
+    m2 = _rfull(BLOCK_N, 0.0, KB)
+    lo_v = _rfull(BLOCK_N, float("inf"), KB)
+    hi_v = _rfull(BLOCK_N, float("-inf"), KB)
     if MODE == 1:
         thr = ratio * (hi - lo)
     if PREFETCH:
@@ -203,16 +311,16 @@ def _sweep(
             f = load_raw(fb, stride_d, stride_n, offs_d, dmask, n0, N, BLOCK_N, VEC_D, VEC_N).to(tl.float32)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
-        rmask = kvalid[:, None] & nmask[None, :]
+        rmask = _rmask(kvalid, nmask, KB)
         if DO_CAM:  # Eq. 1 in the kernel: cam_i = W[y] . f_i (raw features, no bias)
             c = _rows_dot(f, wc, KB)
             lo_v = tl.minimum(lo_v, tl.where(rmask, c, float("inf")))
             hi_v = tl.maximum(hi_v, tl.where(rmask, c, float("-inf")))
-            tl.store(orows[:, None] + offs_n[None, :], c, mask=rmask)  # staged CAM
+            tl.store(_rc(orows, KB) + _rp(offs_n, KB), c, mask=rmask)  # staged CAM
         if MODE == 1:  # _STATS
             # the given CAM, or (HAS_W) the one an earlier pass staged in OUT: camrows is orows then
-            c = tl.load(camrows[:, None] + offs_n[None, :], mask=rmask, other=0.0)
-            u = (((c - lo[:, None]) >= thr[:, None]) & rmask).to(tl.float32)
+            c = tl.load(_rc(camrows, KB) + _rp(offs_n, KB), mask=rmask, other=0.0)
+            u = (((c - _rc(lo, KB)) >= _rc(thr, KB)) & rmask).to(tl.float32)
             ub = tl.where(rmask, 1.0 - u, 0.0)
             s1 += _rows_wsum(f, u, KB)
             s2 += _rows_wsum(f, ub, KB)
@@ -222,40 +330,40 @@ def _sweep(
             x = _rows_dot(f, w2, KB)
             if COSINE:  # the E-step sees g_i f_i, g_i = 1/||f_i||, never stored
                 g = inv_norm(tl.sum(f * f, axis=0))
-                x = x * g[None, :]
+                x = x * _rp(g, KB)
             if MODE == 2:  # _DELTA
-                tl.store(zrows[:, None] + offs_n[None, :], x, mask=rmask)
+                tl.store(_rc(zrows, KB) + _rp(offs_n, KB), x, mask=rmask)
             elif MODE == 4:  # _LAST
-                tl.store(zrows[:, None] + offs_n[None, :], bias[:, None] + x, mask=rmask)
+                tl.store(_rc(zrows, KB) + _rp(offs_n, KB), _rc(bias, KB) + x, mask=rmask)
             else:  # _EM
-                zf, zb = sigmoid_pair(bias[:, None] + x)
+                zf, zb = sigmoid_pair(_rc(bias, KB) + x)
                 zf = tl.where(rmask, zf, 0.0)
                 zb = tl.where(rmask, zb, 0.0)
                 m1 += zf
                 m2 += zb
                 if COSINE:  # M-step on the normalised features g_i f_i
-                    zf = zf * g[None, :]
-                    zb = zb * g[None, :]
+                    zf = zf * _rp(g, KB)
+                    zb = zb * _rp(g, KB)
                 s1 += _rows_wsum(f, zf, KB)
                 s2 += _rows_wsum(f, zb, KB)
     if DO_CAM:
-        lo = tl.min(lo_v, axis=1)
-        hi = tl.max(hi_v, axis=1)
-    return s1, s2, tl.sum(m1, axis=1), tl.sum(m2, axis=1), lo, hi
+        lo = _rmin(lo_v, KB)
+        hi = _rmax(hi_v, KB)
+    return s1, s2, _rsum(m1, KB), _rsum(m2, KB), lo, hi
 
 
 @device_fn
 def _rows_min_max(camrows, N, kvalid, KB: tl.constexpr, BLOCK_P: tl.constexpr):
-    """(min, max) [KB] of each given CAM row (SPEC.md's lo and hi)."""
-    lo_v = tl.full([KB, BLOCK_P], float("inf"), tl.float32)
-    hi_v = tl.full([KB, BLOCK_P], float("-inf"), tl.float32)
+    """(min, max) of each given CAM row (SPEC.md's lo and hi)."""
+    lo_v = _rfull(BLOCK_P, float("inf"), KB)
+    hi_v = _rfull(BLOCK_P, float("-inf"), KB)
     for p0 in range(0, N, BLOCK_P):
         offs = p0 + tl.arange(0, BLOCK_P)
-        pm = kvalid[:, None] & (offs < N)[None, :]
-        x = tl.load(camrows[:, None] + offs[None, :], mask=pm, other=0.0)
+        pm = _rmask(kvalid, offs < N, KB)
+        x = tl.load(_rc(camrows, KB) + _rp(offs, KB), mask=pm, other=0.0)
         lo_v = tl.minimum(lo_v, tl.where(pm, x, float("inf")))
         hi_v = tl.maximum(hi_v, tl.where(pm, x, float("-inf")))
-    return tl.min(lo_v, axis=1), tl.max(hi_v, axis=1)
+    return _rmin(lo_v, KB), _rmax(hi_v, KB)
 
 
 @device_fn
@@ -264,24 +372,24 @@ def _auto_inv_sigma(zrows, N, kvalid, KB: tl.constexpr, BLOCK_P: tl.constexpr):
     ZOUT: s = population std of Delta_i, sigma = s / 2; s <= 1e-6 max|Delta|
     drops the similarity term (1/sigma = 0, sigma reported +inf).
     Two sweeps (mean, then squared deviations) over N floats per row."""
-    acc = tl.zeros([KB, BLOCK_P], tl.float32)
-    amax = tl.zeros([KB, BLOCK_P], tl.float32)
+    acc = _rfull(BLOCK_P, 0.0, KB)
+    amax = _rfull(BLOCK_P, 0.0, KB)
     for p0 in range(0, N, BLOCK_P):
         offs = p0 + tl.arange(0, BLOCK_P)
-        pm = kvalid[:, None] & (offs < N)[None, :]
-        x = tl.load(zrows[:, None] + offs[None, :], mask=pm, other=0.0)
+        pm = _rmask(kvalid, offs < N, KB)
+        x = tl.load(_rc(zrows, KB) + _rp(offs, KB), mask=pm, other=0.0)
         acc += x
         amax = tl.maximum(amax, tl.abs(x))
-    mu = tl.sum(acc, axis=1) / N
-    big = tl.max(amax, axis=1)
-    acc2 = tl.zeros([KB, BLOCK_P], tl.float32)
+    mu = _rsum(acc, KB) / N
+    big = _rmax(amax, KB)
+    acc2 = _rfull(BLOCK_P, 0.0, KB)
     for p0 in range(0, N, BLOCK_P):
         offs = p0 + tl.arange(0, BLOCK_P)
-        pm = kvalid[:, None] & (offs < N)[None, :]
-        x = tl.load(zrows[:, None] + offs[None, :], mask=pm, other=0.0)
-        dev = tl.where(pm, x - mu[:, None], 0.0)
+        pm = _rmask(kvalid, offs < N, KB)
+        x = tl.load(_rc(zrows, KB) + _rp(offs, KB), mask=pm, other=0.0)
+        dev = tl.where(pm, x - _rc(mu, KB), 0.0)
         acc2 += dev * dev
-    s = tl.sqrt_rn(tl.sum(acc2, axis=1) / N)
+    s = tl.sqrt_rn(_rsum(acc2, KB) / N)
     flat = s <= 1e-6 * big  # NaN stays NaN (comparison False)
     sig = tl.where(flat, float("inf"), 0.5 * s)
     inv = tl.where(flat, 0.0, 1.0 / tl.where(flat, 1.0, sig))
@@ -289,15 +397,15 @@ def _auto_inv_sigma(zrows, N, kvalid, KB: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @device_fn
-def _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE: tl.constexpr):
+def _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE: tl.constexpr, KB: tl.constexpr):
     """M-step (Eq. 9) from the pass's sums; mass 0 keeps v. Returns (a_fg, a_bg)."""
     vf = tl.load(fgrows, mask=vmask, other=0.0)
     vb = tl.load(bgrows, mask=vmask, other=0.0)
-    vf = tl.where(mf[:, None] > 0, s1 / tl.where(mf > 0, mf, 1.0)[:, None], vf)
-    vb = tl.where(mb[:, None] > 0, s2 / tl.where(mb > 0, mb, 1.0)[:, None], vb)
+    vf = tl.where(_rc(mf > 0, KB), s1 / _rc(tl.where(mf > 0, mf, 1.0), KB), vf)
+    vb = tl.where(_rc(mb > 0, KB), s2 / _rc(tl.where(mb > 0, mb, 1.0), KB), vb)
     if COSINE:
-        vf = _cos_normalize(vf)
-        vb = _cos_normalize(vb)
+        vf = _cos_normalize(vf, KB)
+        vb = _cos_normalize(vb, KB)
     tl.debug_barrier()  # every thread has read the old centroids
     tl.store(fgrows, vf, mask=vmask)
     tl.store(bgrows, vb, mask=vmask)
@@ -305,12 +413,12 @@ def _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE: tl.const
 
 
 @device_fn
-def _logit_weight(fgrows, bgrows, vmask, inv_sig):
+def _logit_weight(fgrows, bgrows, vmask, inv_sig, KB: tl.constexpr):
     """w = (v_fg - v_bg) / sigma per row (common.h logit_weight), from the stored centroids."""
     tl.debug_barrier()  # the centroids were stored by other threads of this program
     vf = tl.load(fgrows, mask=vmask, other=0.0)
     vb = tl.load(bgrows, mask=vmask, other=0.0)
-    return (vf - vb) * inv_sig[:, None]
+    return (vf - vb) * _rc(inv_sig, KB)
 
 
 @device_fn
@@ -318,29 +426,29 @@ def _calibrate_out(camrows, zrows, orows, lo, hi, ratio, N, kvalid, KB: tl.const
     """Calibration (Eqs. 10-11) over the CAM-foreground pixels, then Eq. 12, from the
     last E-step's logits staged in ZOUT: two sweeps over N floats per row (the same
     thread reads and rewrites each staged element, so the second sweep may overwrite
-    in place). Leaves Z_fg in ZOUT and the map in OUT; returns picked [KB]."""
+    in place). Leaves Z_fg in ZOUT and the map in OUT; returns picked per row."""
     thr = ratio * (hi - lo)
-    cal_f = tl.zeros([KB, BLOCK_P], tl.float32)
-    cal_b = tl.zeros([KB, BLOCK_P], tl.float32)
+    cal_f = _rfull(BLOCK_P, 0.0, KB)
+    cal_b = _rfull(BLOCK_P, 0.0, KB)
     for p0 in range(0, N, BLOCK_P):
         offs = p0 + tl.arange(0, BLOCK_P)
-        pm = kvalid[:, None] & (offs < N)[None, :]
-        m = tl.load(camrows[:, None] + offs[None, :], mask=pm, other=0.0)
-        zf, zb = sigmoid_pair(tl.load(zrows[:, None] + offs[None, :], mask=pm, other=0.0))
-        fg = ((m - lo[:, None]) >= thr[:, None]) & pm
+        pm = _rmask(kvalid, offs < N, KB)
+        m = tl.load(_rc(camrows, KB) + _rp(offs, KB), mask=pm, other=0.0)
+        zf, zb = sigmoid_pair(tl.load(_rc(zrows, KB) + _rp(offs, KB), mask=pm, other=0.0))
+        fg = ((m - _rc(lo, KB)) >= _rc(thr, KB)) & pm
         cal_f += tl.where(fg, zf, 0.0)
         cal_b += tl.where(fg, zb, 0.0)
-    picked = tl.sum(cal_f, axis=1) >= tl.sum(cal_b, axis=1)  # ties pick Z_fg
+    picked = _rsum(cal_f, KB) >= _rsum(cal_b, KB)  # ties pick Z_fg
     rng = hi - lo
     safe = tl.where(rng > 0, rng, 1.0)
     for p0 in range(0, N, BLOCK_P):
         offs = p0 + tl.arange(0, BLOCK_P)
-        pm = kvalid[:, None] & (offs < N)[None, :]
-        m = tl.load(camrows[:, None] + offs[None, :], mask=pm, other=0.0)
-        zf, zb = sigmoid_pair(tl.load(zrows[:, None] + offs[None, :], mask=pm, other=0.0))
-        cn = tl.where(rng[:, None] > 0, (m - lo[:, None]) / safe[:, None], 0.0)
-        tl.store(zrows[:, None] + offs[None, :], zf, mask=pm)
-        tl.store(orows[:, None] + offs[None, :], tl.where(picked[:, None], zf, zb) + cn, mask=pm)
+        pm = _rmask(kvalid, offs < N, KB)
+        m = tl.load(_rc(camrows, KB) + _rp(offs, KB), mask=pm, other=0.0)
+        zf, zb = sigmoid_pair(tl.load(_rc(zrows, KB) + _rp(offs, KB), mask=pm, other=0.0))
+        cn = tl.where(_rc(rng > 0, KB), (m - _rc(lo, KB)) / _rc(safe, KB), 0.0)
+        tl.store(_rc(zrows, KB) + _rp(offs, KB), zf, mask=pm)
+        tl.store(_rc(orows, KB) + _rp(offs, KB), tl.where(_rc(picked, KB), zf, zb) + cn, mask=pm)
     return picked
 
 
@@ -356,35 +464,38 @@ def _em_kernel(
     VEC_D: tl.constexpr, VEC_N: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     b = tl.program_id(1).to(tl.int64)  # axis 0 = the row group: an image's programs are adjacent
-    kk = tl.program_id(0) * KB + tl.arange(0, KB)  # classes k of image b this program runs
+    if KB == 1:
+        kk = tl.program_id(0)  # class k of image b this program runs (the grid has exactly K)
+    else:
+        kk = tl.program_id(0) * KB + tl.arange(0, KB)  # classes k of image b this program runs
     kvalid = kk < K
     rows = b * K + kk.to(tl.int64)  # row r = b*K + k
     fb = image_base(F, b, stride_b, VEC_D * VEC_N)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = channel_mask(offs_d, d, VEC_D)
-    vmask = kvalid[:, None] & dmask[None, :]
+    vmask = _rmask(kvalid, dmask, KB)
     orows = OUT + rows * N
     zrows = ZOUT + rows * N
     if HAS_W:
         camrows = orows  # the CAM is computed in a pass and staged in OUT
     else:
         camrows = CAM + rows * N
-    fgrows = FGOUT + rows[:, None] * d + offs_d[None, :]
-    bgrows = BGOUT + rows[:, None] * d + offs_d[None, :]
+    fgrows = _rc(FGOUT + rows * d, KB) + _rp(offs_d, KB)
+    bgrows = _rc(BGOUT + rows * d, KB) + _rp(offs_d, KB)
     if HAS_W or V_BY_LABEL:
         y = tl.load(LABELS + rows, mask=kvalid, other=0)
     if HAS_W:
-        wc = tl.load(W + y[:, None] * d + offs_d[None, :], mask=vmask, other=0.0)
+        wc = tl.load(_rc(W + y * d, KB) + _rp(offs_d, KB), mask=vmask, other=0.0)
     else:
-        wc = tl.zeros([KB, BLOCK_D], tl.float32)
-    zero_v = tl.zeros([KB, BLOCK_D], tl.float32)
-    zero_k = tl.zeros([KB], tl.float32)
+        wc = _rfull(BLOCK_D, 0.0, KB)
+    zero_v = _rfull(BLOCK_D, 0.0, KB)
+    zero_k = _rscalar(0.0, KB)
 
     # CAM statistics: lo, hi (SPEC.md helper). With W they come from the first
     # pass over F that has to be made anyway (see the module doc).
     if HAS_W:
-        lo = tl.full([KB], float("inf"), tl.float32)
-        hi = tl.full([KB], float("-inf"), tl.float32)
+        lo = _rscalar(float("inf"), KB)
+        hi = _rscalar(float("-inf"), KB)
     else:
         lo, hi = _rows_min_max(camrows, N, kvalid, KB, BLOCK_P)
 
@@ -394,8 +505,8 @@ def _em_kernel(
             vrows = y
         else:
             vrows = rows
-        vf = tl.load(VFG + vrows[:, None] * d + offs_d[None, :], mask=vmask, other=0.0)
-        vb = tl.load(VBG + vrows[:, None] * d + offs_d[None, :], mask=vmask, other=0.0)
+        vf = tl.load(_rc(VFG + vrows * d, KB) + _rp(offs_d, KB), mask=vmask, other=0.0)
+        vb = tl.load(_rc(VBG + vrows * d, KB) + _rp(offs_d, KB), mask=vmask, other=0.0)
     else:  # training-free: CAM-masked means of the raw features (0 for an empty mask)
         if HAS_W:
             _a, _b, _c, _d, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
@@ -405,11 +516,11 @@ def _em_kernel(
         s1, s2, c_fg, c_bg, _e, _f = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                             zero_v, zero_k, wc, camrows, orows, zrows, lo, hi, ratio,
                                             1, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
-        vf = s1 / tl.maximum(c_fg, 1.0)[:, None]
-        vb = s2 / tl.maximum(c_bg, 1.0)[:, None]
+        vf = s1 / _rc(tl.maximum(c_fg, 1.0), KB)
+        vb = s2 / _rc(tl.maximum(c_bg, 1.0), KB)
     if COSINE:
-        vf = _cos_normalize(vf)
-        vb = _cos_normalize(vb)
+        vf = _cos_normalize(vf, KB)
+        vb = _cos_normalize(vb, KB)
     # The centroids live in the fg/bg outputs between M-steps, not in registers:
     # in NCHW the d-vectors are replicated across the threads of a pixel row,
     # and only w and the two sums need to be live during a pass.
@@ -432,22 +543,22 @@ def _em_kernel(
     t0 = tl.zeros([], tl.int32)
     if HAS_W and HAS_V and not SIGMA_AUTO:  # the CAM rides on the first E-step
         if T > 1:
-            w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig)
+            w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig, KB)
             s1, s2, mf, mb, lo, hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                             w2, _log_ratio(a_fg, a_bg), wc, camrows, orows, zrows, lo, hi, ratio,
                                             3, True, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
-            a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE)
+            a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE, KB)
             t0 += 1
     # The remaining E-step + M-step iterations, one pass over F each.
     for _t in range(t0, T - 1):
-        w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig)
+        w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig, KB)
         s1, s2, mf, mb, _k, _l = _sweep(fb, stride_d, stride_n, offs_d, dmask, N, kvalid,
                                         w2, _log_ratio(a_fg, a_bg), wc, camrows, orows, zrows, lo, hi, ratio,
                                         3, False, COSINE, KB, BLOCK_D, BLOCK_N, VEC_D, VEC_N, PREFETCH)
-        a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE)
+        a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE, KB)
 
     # Last E-step: logits staged in ZOUT (and the CAM in OUT when T = 1 with W and tables).
-    w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig)
+    w2 = _logit_weight(fgrows, bgrows, vmask, inv_sig, KB)
     bias = _log_ratio(a_fg, a_bg)
     if HAS_W and HAS_V and not SIGMA_AUTO:
         if T == 1:
@@ -486,7 +597,8 @@ def _em_kernel(
 # the inference form only: given CAM rows, learned centroids (tables or per row) and a
 # numeric sigma; the classifier-weight, training-free and sigma="auto" forms keep
 # _em_kernel. The sums are grouped per chunk, so results differ from _em_kernel's in
-# float32 rounding only (both are checked against the float64 reference).
+# float32 rounding only (both are checked against the float64 reference). Every split
+# kernel runs one row per program: the KB = 1 (1-D) forms of the helpers above.
 
 
 @triton.jit
@@ -495,18 +607,18 @@ def _split_init(VFG, VBG, LABELS, FGOUT, BGOUT, MIX, d,
     """Row r's initial centroids (normalised in cosine mode) into FGOUT/BGOUT; mix 1/2."""
     r = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    dm = (offs_d < d)[None, :]
+    dm = offs_d < d
     if V_BY_LABEL:
         vr = tl.load(LABELS + r)
     else:
         vr = r
-    vf = tl.load(VFG + vr * d + offs_d[None, :], mask=dm, other=0.0)
-    vb = tl.load(VBG + vr * d + offs_d[None, :], mask=dm, other=0.0)
+    vf = tl.load(VFG + vr * d + offs_d, mask=dm, other=0.0)
+    vb = tl.load(VBG + vr * d + offs_d, mask=dm, other=0.0)
     if COSINE:
-        vf = _cos_normalize(vf)
-        vb = _cos_normalize(vb)
-    tl.store(FGOUT + r * d + offs_d[None, :], vf, mask=dm)
-    tl.store(BGOUT + r * d + offs_d[None, :], vb, mask=dm)
+        vf = _cos_normalize(vf, 1)
+        vb = _cos_normalize(vb, 1)
+    tl.store(FGOUT + r * d + offs_d, vf, mask=dm)
+    tl.store(BGOUT + r * d + offs_d, vb, mask=dm)
     tl.store(MIX + 2 * r, 0.5)
     tl.store(MIX + 2 * r + 1, 0.5)
 
@@ -529,27 +641,26 @@ def _split_pass(
     fb = image_base(F, b, stride_b, VEC_D * VEC_N) + start * ((stride_n // VEC_D) * VEC_D)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = channel_mask(offs_d, d, VEC_D)
-    kvalid = tl.full([1], 1, tl.int1)
-    vmask = dmask[None, :]
-    fgrows = FGOUT + r * d + offs_d[None, :]
-    bgrows = BGOUT + r * d + offs_d[None, :]
-    a_fg = tl.load(MIX + 2 * r + tl.zeros([1], tl.int64))
-    a_bg = tl.load(MIX + 2 * r + 1 + tl.zeros([1], tl.int64))
-    w2 = _logit_weight(fgrows, bgrows, vmask, tl.zeros([1], tl.float32) + inv_sigma)
+    kvalid = tl.full([], 1, tl.int1)
+    fgrows = FGOUT + r * d + offs_d
+    bgrows = BGOUT + r * d + offs_d
+    a_fg = tl.load(MIX + 2 * r)
+    a_bg = tl.load(MIX + 2 * r + 1)
+    w2 = _logit_weight(fgrows, bgrows, dmask, tl.full([], 0.0, tl.float32) + inv_sigma, 1)
     bias = _log_ratio(a_fg, a_bg)
-    zrows = ZOUT + r * N + start + tl.zeros([1], tl.int64)
-    zero_v = tl.zeros([1, BLOCK_D], tl.float32)
-    zero_k = tl.zeros([1], tl.float32)
+    zrows = ZOUT + r * N + start
+    zero_v = tl.zeros([BLOCK_D], tl.float32)
+    zero_k = tl.full([], 0.0, tl.float32)
     s1, s2, mf, mb, _lo, _hi = _sweep(fb, stride_d, stride_n, offs_d, dmask, n_loc, kvalid,
                                       w2, bias, zero_v, zrows, zrows, zrows, zero_k, zero_k, 0.0,
                                       4 if LAST else 3, False, COSINE, 1, BLOCK_D, BLOCK_N, VEC_D, VEC_N,
                                       PREFETCH)
     if not LAST:
         base = (r * P + p) * 2
-        tl.store(WS + base * d + offs_d[None, :], s1, mask=vmask)
-        tl.store(WS + (base + 1) * d + offs_d[None, :], s2, mask=vmask)
-        tl.store(WM + base + tl.zeros([1], tl.int64), mf)
-        tl.store(WM + base + 1 + tl.zeros([1], tl.int64), mb)
+        tl.store(WS + base * d + offs_d, s1, mask=dmask)
+        tl.store(WS + (base + 1) * d + offs_d, s2, mask=dmask)
+        tl.store(WM + base, mf)
+        tl.store(WM + base + 1, mb)
 
 
 @triton.jit
@@ -557,39 +668,38 @@ def _split_reduce(WS, WM, FGOUT, BGOUT, MIX, d, N, P, COSINE: tl.constexpr, BLOC
     """Row r's M-step (Eq. 9) from its P chunks' partial sums, summed in chunk order."""
     r = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    vmask = (offs_d < d)[None, :]
-    kvalid = tl.full([1], 1, tl.int1)
-    s1 = tl.zeros([1, BLOCK_D], tl.float32)
-    s2 = tl.zeros([1, BLOCK_D], tl.float32)
-    mf = tl.zeros([1], tl.float32)
-    mb = tl.zeros([1], tl.float32)
+    vmask = offs_d < d
+    kvalid = tl.full([], 1, tl.int1)
+    s1 = tl.zeros([BLOCK_D], tl.float32)
+    s2 = tl.zeros([BLOCK_D], tl.float32)
+    mf = tl.full([], 0.0, tl.float32)
+    mb = tl.full([], 0.0, tl.float32)
     for p in range(0, P):
         base = (r * P + p) * 2
-        s1 += tl.load(WS + base * d + offs_d[None, :], mask=vmask, other=0.0)
-        s2 += tl.load(WS + (base + 1) * d + offs_d[None, :], mask=vmask, other=0.0)
-        mf += tl.load(WM + base + tl.zeros([1], tl.int64))
-        mb += tl.load(WM + base + 1 + tl.zeros([1], tl.int64))
-    fgrows = FGOUT + r * d + offs_d[None, :]
-    bgrows = BGOUT + r * d + offs_d[None, :]
-    a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE)
-    tl.store(MIX + 2 * r + tl.zeros([1], tl.int64), a_fg)
-    tl.store(MIX + 2 * r + 1 + tl.zeros([1], tl.int64), a_bg)
+        s1 += tl.load(WS + base * d + offs_d, mask=vmask, other=0.0)
+        s2 += tl.load(WS + (base + 1) * d + offs_d, mask=vmask, other=0.0)
+        mf += tl.load(WM + base)
+        mb += tl.load(WM + base + 1)
+    fgrows = FGOUT + r * d + offs_d
+    bgrows = BGOUT + r * d + offs_d
+    a_fg, a_bg = _m_update(fgrows, bgrows, vmask, kvalid, s1, s2, mf, mb, N, COSINE, 1)
+    tl.store(MIX + 2 * r, a_fg)
+    tl.store(MIX + 2 * r + 1, a_bg)
 
 
 @triton.jit
 def _split_finish(CAM, ZOUT, OUT, PICKED, SIGMA_USED, N, sigma, ratio, BLOCK_P: tl.constexpr):
     """Row r's CAM statistics, calibration and Eq. 12 from the staged logits."""
     r = tl.program_id(0).to(tl.int64)
-    kvalid = tl.full([1], 1, tl.int1)
-    rows = r + tl.zeros([1], tl.int64)
-    camrows = CAM + rows * N
+    kvalid = tl.full([], 1, tl.int1)
+    camrows = CAM + r * N
     lo, hi = _rows_min_max(camrows, N, kvalid, 1, BLOCK_P)
-    picked = _calibrate_out(camrows, ZOUT + rows * N, OUT + rows * N, lo, hi, ratio, N, kvalid, 1, BLOCK_P)
-    tl.store(PICKED + rows, picked.to(tl.uint8))
-    tl.store(SIGMA_USED + rows, tl.zeros([1], tl.float32) + sigma)
+    picked = _calibrate_out(camrows, ZOUT + r * N, OUT + r * N, lo, hi, ratio, N, kvalid, 1, BLOCK_P)
+    tl.store(PICKED + r, picked.to(tl.uint8))
+    tl.store(SIGMA_USED + r, tl.full([], 0.0, tl.float32) + sigma)
 
 
-GRID_AXIS1_MAX = 65535
+GRID_AXIS1_MAX = 65535  # CUDA's grid y/z limit: _em_kernel's images, _split_pass's rows
 SPLIT_ENV = "CREAM_KERNELS_TRITON_SPLIT"  # "0": never split; N >= 1: N chunks per row whenever it applies
 _SM_COUNT = {}
 
@@ -662,7 +772,11 @@ def launch_config(f3, K: int) -> dict:
     kb_max = KB_MAX if triton.next_power_of_2(max(int(f3.shape[1]), 1)) <= KB_MAX_D else 1
     kb = min(int(triton.next_power_of_2(max(int(K), 1))), kb_max)
     blocks = feature_blocks(f3, kb)
-    return dict(KB=kb, groups=triton.cdiv(int(K), kb), PREFETCH=_prefetch(f3), **blocks)
+    # No hand prefetch in the fused kernel (issue 17): it holds the raw next tile (16 more
+    # registers per thread at 16 warps) on top of a live set already at the 128-register cap,
+    # and spilled 100-650 B in the cosine, classifier-weight and training-free forms on every
+    # Triton from 3.6 to 3.9. The split path's pass kernel keeps it (_prefetch).
+    return dict(KB=kb, groups=triton.cdiv(int(K), kb), PREFETCH=False, **blocks)
 
 
 def _prefetch(f3) -> bool:
@@ -702,16 +816,32 @@ def em_reactivate(f3, cam, weight, v_fg, v_bg, labels, K, v_by_label,
     cfg = launch_config(f3, K)
     groups = cfg.pop("groups")
     dummy = out  # stands in for absent pointers; never read (constexpr-guarded)
+    by_row = has_v and not v_by_label  # per-row centroids [B*K, d]: sliced with the images
+    # Grid (groups, images): CUDA caps grid axis 1 at GRID_AXIS1_MAX, so a larger batch is
+    # launched in slices of at most that many images (issue 17). Every image starts on a
+    # multiple of the vector width (feature_blocks checks stride(0)), so each slice keeps
+    # the blocks and load widths computed for the whole batch.
     with _device_of(f3):
-        _em_kernel[(groups, B)](
-            f3, f3.stride(0), f3.stride(1), f3.stride(2),
-            cam if cam is not None else dummy, weight if has_w else dummy,
-            v_fg if has_v else dummy, v_bg if has_v else dummy, labels if labels is not None else dummy,
-            out, z, fg_out, bg_out, mix, picked, sigma_used,
-            K, d, N, int(num_iters), sig, inv, float(ratio),
-            HAS_W=has_w, HAS_V=has_v, V_BY_LABEL=bool(v_by_label), SIGMA_AUTO=sigma_auto,
-            COSINE=bool(cosine), BLOCK_P=line_block(N), num_stages=1, **cfg,
-        )
+        for b0, b1 in image_slices(B):
+            r0, r1 = b0 * K, b1 * K
+            _em_kernel[(groups, b1 - b0)](
+                f3[b0:b1], f3.stride(0), f3.stride(1), f3.stride(2),
+                cam[r0:r1] if cam is not None else dummy, weight if has_w else dummy,
+                v_fg[r0:r1] if by_row else v_fg if has_v else dummy,
+                v_bg[r0:r1] if by_row else v_bg if has_v else dummy,
+                labels[r0:r1] if labels is not None else dummy,
+                out[r0:r1], z[r0:r1], fg_out[r0:r1], bg_out[r0:r1], mix[r0:r1], picked[r0:r1], sigma_used[r0:r1],
+                K, d, N, int(num_iters), sig, inv, float(ratio),
+                HAS_W=has_w, HAS_V=has_v, V_BY_LABEL=bool(v_by_label), SIGMA_AUTO=sigma_auto,
+                COSINE=bool(cosine), BLOCK_P=line_block(N), num_stages=1, **cfg,
+            )
+
+
+def image_slices(B: int):
+    """[(b0, b1)]: the image ranges of the launches of a batch of B images, each at most
+    GRID_AXIS1_MAX (read at call time, so a test can lower it)."""
+    step = int(GRID_AXIS1_MAX)
+    return [(b0, min(B, b0 + step)) for b0 in range(0, int(B), step)]
 
 
 def _device_of(t: torch.Tensor):
