@@ -523,6 +523,11 @@ def _cmd_presets(a) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["reproduce", "compare"]:  # its own small parser: a positional OUT beside reproduce's options
+        from .compare import main as compare_main
+
+        return compare_main(argv[2:])
     a = build_parser().parse_args(argv)
     if getattr(a, "threads", None):
         import torch

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .metrics import box_metrics  # noqa: F401  (public here too: CREAM_Reg's metric)
-from .runs import (ConfigMixin, dist_setup, epoch_seed, load_checkpoint, load_trained, make_loader, progress_bar,
-                   resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state)
+from .runs import (ConfigMixin, deterministic_training, dist_setup, epoch_seed, load_checkpoint, load_trained,
+                   make_loader, progress_bar, resolve_device, rng_state, save_checkpoint, seed_everything, set_rng_state)
 
 __all__ = ["REGRESSOR_LR_NOTE", "regressor_lr", "RegressConfig", "BoxRegressor", "BoxDataset", "train_regressor", "load_regressor", "predict_boxes", "box_metrics",
            "evaluate_cream_reg", "REGRESSOR_CHECKPOINT"]
@@ -170,6 +170,7 @@ def _build(cfg: RegressConfig, pretrained: Optional[str]):
     return BoxRegressor(backbone)
 
 
+@deterministic_training
 def train_regressor(cfg: RegressConfig, resume: Optional[str] = "auto",
                     on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Train (or continue) the box regressor; ``resume`` as :func:`cream_wsol.train.train`.

@@ -235,6 +235,30 @@ def make_embeddings(num_classes: int, dim: int, momentum: float, cam_threshold: 
         return ContextEmbeddings(num_classes, dim, momentum=momentum, cam_threshold=cam_threshold, init=init)
 
 
+def deterministic_training(fn):
+    """Decorate a training entry point ``fn(cfg, ...)``: while it runs, torch uses only
+    deterministic algorithms (``torch.use_deterministic_algorithms``), so a rerun of the same
+    seed on the same machine gives the same weights bit for bit. On CUDA with
+    ``warn_only=True``: global average pooling's backward has no deterministic CUDA kernel, so
+    a CUDA run can still differ in the last bits between reruns. The process's previous
+    setting is restored afterwards."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(cfg, *args, **kwargs):
+        before = (torch.are_deterministic_algorithms_enabled(),
+                  torch.is_deterministic_algorithms_warn_only_enabled())
+        on_cuda = str(getattr(cfg, "device", "cpu")).startswith("cuda") or (
+            str(getattr(cfg, "device", "cpu")) == "auto" and torch.cuda.is_available())
+        torch.use_deterministic_algorithms(True, warn_only=on_cuda)
+        try:
+            return fn(cfg, *args, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+    return wrapper
+
+
 def load_trained(path: str, device: str = "cpu"):
     """(model in eval mode, ContextEmbeddings, TrainConfig) from a checkpoint."""
     ck = load_checkpoint(path, map_location=device)

@@ -56,7 +56,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .models import CAMNet, build_model
-from .runs import (BEST_NAME, CHECKPOINT_NAME, ConfigMixin, TrainConfig,  # noqa: F401 (public here too)
+from .runs import (BEST_NAME, CHECKPOINT_NAME, ConfigMixin, TrainConfig, deterministic_training,  # noqa: F401 (public here too)
                    dist_setup, epoch_seed, load_checkpoint,
                    load_trained, make_embeddings, make_loader, progress_bar, resolve_device, rng_state,
                    save_checkpoint, seed_everything, set_rng_state)
@@ -367,6 +367,7 @@ def _input_sizes(model: CAMNet, dataset, cfg: TrainConfig, device: torch.device)
             f"CAM {f.shape[-2]}x{f.shape[-1]} x {f.shape[1]} channels at the eval size")
 
 
+@deterministic_training
 def train(cfg: TrainConfig, resume: Optional[str] = "auto",
           on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """Train (or continue training) a CAM model and its context embeddings.

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("cream_kernels")
 torch = pytest.importorskip("torch")
 
-from cream_wsol.reproduce import fingerprint, reproduce, verdict  # noqa: E402
+from cream_wsol.reproduce import CLAIMS, fingerprint, reproduce, verdict  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXPECTED = os.path.join(HERE, "data", "reproduce_quick_expected.json")
@@ -253,6 +253,63 @@ def test_quick_matches_the_committed_results(quick_run):
     assert not bad, f"{len(bad)} numbers drifted from {EXPECTED}, e.g.\n" + "\n".join(bad[:15])
 
 
+
+# ---- issue 24: a rerun on the same machine, and `reproduce compare` ----------------------
+def test_same_seed_rerun_is_bit_identical(quick_run, tmp_path):
+    """Training runs with torch's deterministic algorithms: a fresh rerun of the same seeds on
+    the same machine gives the same fingerprint exactly (no tolerance; timings are not in it)."""
+    again = _run_quick(str(tmp_path / "again"))
+    assert not any(r.get("reused") for r in again["runs"])
+    assert json.dumps(fingerprint(again), sort_keys=True) == json.dumps(fingerprint(quick_run[1]), sort_keys=True)
+    assert not torch.are_deterministic_algorithms_enabled()  # the process's setting is restored
+
+
+def test_compare_quick_run_with_the_published_summary(quick_run, capsys):
+    """`cream-wsol reproduce compare OUT` picks the shipped quick summary for a --quick run; every
+    verdict agrees with it on this machine (exit 0)."""
+    from cream_wsol.cli import main
+    from cream_wsol.compare import published_path, load_summary
+
+    out, _ = quick_run
+    assert published_path(load_summary(out)).endswith(os.path.join("published", "quick.json"))
+    assert main(["reproduce", "compare", out]) == 0
+    text = capsys.readouterr().out
+    n = len(CLAIMS) * 4  # 4 configurations in a --quick run
+    assert f"**Verdicts: {n} of {n} agree.**" in text
+
+
+def test_compare_flags_a_verdict_that_differs(quick_run, tmp_path, capsys):
+    from cream_wsol.cli import main
+    from cream_wsol.compare import load_summary
+
+    out, _ = quick_run
+    other = load_summary(out)
+    claim = CLAIMS[0][0]
+    cell = other["configs"]["cub-small"]["claims"][claim]
+    cell["verdict"] = "holds" if cell["verdict"] != "holds" else "does not hold"
+    other["configs"]["cub-small"]["metrics_test"]["CAM"]["MaxBoxAccV2"]["mean"] += 50.0
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(other))
+    assert main(["reproduce", "compare", out, "--against", str(path), "--write", str(tmp_path / "cmp.md")]) == 1
+    text = (tmp_path / "cmp.md").read_text()
+    assert "| **no** |" in text and f"of {len(CLAIMS) * 4} agree" in text
+    row = [ln for ln in text.splitlines() if ln.startswith("| cub-small | CAM MaxBoxAccV2 |")]
+    assert len(row) == 1 and row[0].endswith("| -50.00 | no |")
+    capsys.readouterr()
+
+
+def test_compare_usage_mistakes(quick_run, tmp_path, capsys):
+    from cream_wsol.cli import main
+
+    out, _ = quick_run
+    assert main(["reproduce", "compare", str(tmp_path / "missing")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["reproduce", "compare", out, "--against", str(bad)]) == 2
+    assert "not a reproduce results.json" in capsys.readouterr().err
+
+
 if __name__ == "__main__" and "--update" in sys.argv:
     import tempfile
 
@@ -263,3 +320,9 @@ if __name__ == "__main__" and "--update" in sys.argv:
         json.dump({"torch": torch.__version__, "versions": res["versions"], "fingerprint": fingerprint(res)},
                   fh, indent=1, sort_keys=True)
     print(f"wrote {EXPECTED}")
+    # the quick summary `cream-wsol reproduce compare` ships, from the same run
+    from cream_wsol.compare import PUBLISHED_DIR, summarize
+
+    with open(os.path.join(PUBLISHED_DIR, "quick.json"), "w") as fh:
+        json.dump(summarize(json.loads(json.dumps(res, default=str))), fh, indent=1, sort_keys=True)
+    print(f"wrote {os.path.join(PUBLISHED_DIR, 'quick.json')}")
