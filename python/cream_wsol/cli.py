@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     t.add_argument("--resume", help="resume from this checkpoint (default: <out>/checkpoint.pt if present)")
     # issue 9: WSOL training methods (methods.py)
-    t.add_argument("--method", default="cam", choices=["cam", "has", "adl", "cutmix"],
+    t.add_argument("--method", default="cam", choices=["cam", "has", "adl", "cutmix", "spg", "acol"],
                    help="WSOL training method, wsolevaluation's definitions and defaults (default: cam)")
     t.add_argument("--method-param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method default, e.g. drop_rate=0.5 (repeatable)")
