@@ -73,7 +73,12 @@ efficientnet_lite0  _blocks.10 112 / _blocks.14     128 / 128                   
 ==================  ==============================  ============================  ==========================
 
 (``w`` is the small CNN's width; with ``large_feature_map`` the VGG SPG pool after conv4
-goes, as in wsolevaluation, and VGG ACoL keeps the pool after conv4 at stride 1.)
+goes, as in wsolevaluation, and VGG ACoL keeps the pool after conv4 at stride 1.) New layers
+are initialised as wsolevaluation does per arch (xavier; ResNet50's ACoL: he); on ``small`` and
+``efficientnet_lite0`` xavier, and ``small``'s new convs carry BatchNorm like its own blocks.
+He init (fan-out) on a 1x1 conv to a handful of classes gives weights of std sqrt(2 / C), so
+large logits: with it (and no BN) a 4-step ``small`` ACoL smoke run had loss 786 in its first
+epoch.
 """
 from __future__ import annotations
 
@@ -434,13 +439,13 @@ def _build_spg(bb: CAMNet, thresholds) -> SPGNet:
         return SPGNet(bb, 288, 768, 1024, 512, 512, thresholds, dropout=0.5)
     if arch == "small":
         w = bb.feature_dim // 4
-        net = SPGNet(bb, 2 * w, 4 * w, 4 * w, 2 * w, 2 * w, thresholds, init="he", bn=True)
+        net = SPGNet(bb, 2 * w, 4 * w, 4 * w, 2 * w, 2 * w, thresholds, bn=True)
         net.SPG_A_3 = nn.Sequential(nn.Conv2d(4 * w, 4 * w, 3, padding=1, bias=False), nn.BatchNorm2d(4 * w),
                                     nn.ReLU(inplace=True))
-        _init_weights(net.SPG_A_3.modules(), "he")
+        _init_weights(net.SPG_A_3.modules(), "xavier")
         return net
     if arch == "efficientnet_lite0":
-        return SPGNet(bb, 112, 192, 1280, 128, 128, thresholds, init="he")
+        return SPGNet(bb, 112, 192, 1280, 128, 128, thresholds)
     raise ValueError(f"SPG: no wiring for arch {arch!r}")
 
 
@@ -459,9 +464,9 @@ def _build_acol(bb: CAMNet, threshold: float) -> ACoLNet:
         bb.SPG_A3_1b = bb.SPG_A3_2b = None  # wsolevaluation's InceptionAcol has no SPG_A3 convs
         return ACoLNet(bb, 768, 1024, threshold)
     if arch == "small":
-        return ACoLNet(bb, bb.feature_dim, bb.feature_dim, threshold, init="he", bn=True)
+        return ACoLNet(bb, bb.feature_dim, bb.feature_dim, threshold, bn=True)
     if arch == "efficientnet_lite0":
-        return ACoLNet(bb, bb.feature_dim, 256, threshold, init="he")
+        return ACoLNet(bb, bb.feature_dim, 256, threshold)
     raise ValueError(f"ACoL: no wiring for arch {arch!r}")
 
 
