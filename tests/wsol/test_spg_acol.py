@@ -1,11 +1,8 @@
 """SPG and ACoL (issue 23): guidance masks, side losses and erasing against hand-computed
 cases, the networks' shapes on every backbone form, training a few steps with CREAM,
 exact resume, and load_trained / evaluate / pseudo-boxes / regress on their checkpoints."""
-import json
 import math
-import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
