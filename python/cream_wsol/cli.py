@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     t.add_argument("--resume", help="resume from this checkpoint (default: <out>/checkpoint.pt if present)")
     # issue 9: WSOL training methods (methods.py)
-    t.add_argument("--method", default="cam", choices=["cam", "has", "adl", "cutmix"],
+    t.add_argument("--method", default="cam", choices=["cam", "has", "adl", "cutmix", "spg", "acol"],
                    help="WSOL training method, wsolevaluation's definitions and defaults (default: cam)")
     t.add_argument("--method-param", action="append", default=[], metavar="KEY=VALUE",
                    help="override a method default, e.g. drop_rate=0.5 (repeatable)")
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "inceptionv3 need this or --no-pretrained")
     r.add_argument("--no-pretrained", action="store_true", help="with --data-root: train from random weights")
     r.add_argument("--methods", help="comma list of other WSOL methods to train and score with and without CREAM "
-                   "(has, adl, cutmix, ...; 'none'); default: has,adl,cutmix on the embedded runs that carry the "
+                   "(has, spg, adl, cutmix, acol; 'none'); default: has,spg on the embedded runs that carry the "
                    "CREAM_Reg parts, none with --data-root")
     r.add_argument("--seed", type=int, default=None, help="run this one seed only (same as --seeds N)")
     r.add_argument("--seeds", help="comma list of seeds (default 0,1,2; --quick: 0,1; --data-root: 0)")

@@ -41,6 +41,7 @@ __all__ = [
     "MapSpec",
     "DEFAULT_SPECS",
     "compute_maps",
+    "model_cam_fn",
     "evaluate",
     "evaluate_checkpoint",
     "time_per_image",
@@ -98,11 +99,25 @@ def _em(features, cam, fg, bg, classes, spec: MapSpec, cam_threshold: float):
                          similarity=spec.similarity, return_extras=True)
 
 
+def model_cam_fn(model) -> Optional[Callable[[Tensor, Tensor], Tensor]]:
+    """``model.cams`` for a model whose localisation map is not ``W[c] . f`` (ACoL's fused
+    map, ``model.linear_cam`` False), else None (the CAM from ``model.classifier_weight``)."""
+    return None if getattr(model, "linear_cam", True) else model.cams
+
+
+def _classifier_weight(model) -> Optional[Tensor]:
+    return model.classifier_weight.detach().float() if getattr(model, "linear_cam", True) else None
+
+
 @torch.no_grad()
-def compute_maps(features: Tensor, classifier_weight: Tensor, specs: Mapping[str, MapSpec],
+def compute_maps(features: Tensor, classifier_weight: Optional[Tensor], specs: Mapping[str, MapSpec],
                  labels: Tensor, preds: Tensor, embeddings: Optional[Mapping[str, Any]] = None,
-                 cam_threshold: float = 0.2) -> Dict[str, Tensor]:
-    """Every requested map for one batch, at feature resolution ([B, h, w] float32)."""
+                 cam_threshold: float = 0.2,
+                 cam_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Dict[str, Tensor]:
+    """Every requested map for one batch, at feature resolution ([B, h, w] float32). The base
+    map of a class is ``cam_fn(features, classes)`` when given (ACoL's fused map: see
+    :func:`model_cam_fn`), else the CAM ``W[c] . f`` with ``classifier_weight``; CREAM
+    re-activates that map."""
     embeddings = embeddings or {}
     cams: Dict[str, Tensor] = {}
     em_cache: Dict[tuple, Any] = {}
@@ -110,7 +125,8 @@ def compute_maps(features: Tensor, classifier_weight: Tensor, specs: Mapping[str
     for name, spec in specs.items():
         classes = labels if spec.target == "gt" else preds
         if spec.target not in cams:
-            cams[spec.target] = class_activation_maps(features, classifier_weight, classes)
+            cams[spec.target] = (cam_fn(features, classes).float() if cam_fn is not None
+                                 else class_activation_maps(features, classifier_weight, classes))
         cam = cams[spec.target]
         if spec.kind == "cam" or spec.num_iters == 0:
             out[name] = cam
@@ -217,8 +233,8 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
         top1 += int(ok1.sum())
         top5 += int(ok5.sum())
         seen += len(ids)
-        maps = compute_maps(feats.float(), model.classifier_weight.detach().float(), specs, labels, preds,
-                            embeddings, cam_threshold)
+        maps = compute_maps(feats.float(), _classifier_weight(model), specs, labels, preds,
+                            embeddings, cam_threshold, cam_fn=model_cam_fn(model))
         maps = {n: m.detach().float().cpu() for n, m in maps.items()}
         size = int(images.shape[-1])
         for b, image_id in enumerate(ids):
@@ -309,7 +325,8 @@ def time_per_image(model, dataset, embeddings, num_iters: Sequence[int] = (0, 1,
         t0 = time.perf_counter()
         logits, feats = model(x, return_features=True)
         pred = logits.argmax(1)
-        cam = class_activation_maps(feats, model.classifier_weight, pred)
+        cam_fn = model_cam_fn(model)
+        cam = cam_fn(feats, pred) if cam_fn is not None else class_activation_maps(feats, model.classifier_weight, pred)
         sync()
         t1 = time.perf_counter()
         if i >= 0:

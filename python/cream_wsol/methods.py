@@ -1,8 +1,10 @@
-"""WSOL training methods besides plain CAM: HaS, ADL and CutMix (issue 9, Fig. 6 right).
+"""WSOL training methods besides plain CAM: HaS, ADL, CutMix (issue 9), SPG and ACoL (issue 23).
 
 The definitions and default hyper-parameters follow clovaai/wsolevaluation
-(``wsol/method/{has,adl,cutmix}.py``, ``config.py``, ``main.py::_wsol_training``);
-the code is ours.
+(``wsol/method/{has,adl,cutmix,spg,acol}.py``, ``config.py``, ``main.py::_wsol_training``);
+the code is ours. SPG and ACoL change the network (side branches, a second classifier):
+their models and losses are in :mod:`cream_wsol.spg_acol`, built by
+:func:`cream_wsol.spg_acol.build_method_model`.
 
 =========  ===================================================================  ==========================
 method     what changes in a training step                                      defaults (wsolevaluation)
@@ -18,6 +20,13 @@ cutmix     with prob ``prob``: lam ~ Beta(beta, beta), a box of area            
            ``(1 - lam)`` of the image is pasted from a permuted batch;
            loss ``lam' CE(y_a) + (1 - lam') CE(y_b)`` with lam' the exact
            kept area share
+spg        Self-produced Guidance: side branches B1, B2, C learn masks made     threshold_1h/1l 0.7/0.01,
+           from the CAM (B2), from sigmoid(B2) (B1) and from their mean (C);    threshold_2h/2l 0.5/0.05,
+           pixels between a mask's high and low thresholds are ignored;         threshold_3h/3l 0.7/0.1
+           loss CE + three BCEs, weights 1 (:mod:`cream_wsol.spg_acol`)
+acol       Adversarial Complementary Learning: classifier B sees the features   threshold 0.7
+           erased where classifier A's normalised map is >= threshold; loss
+           CE(A) + CE(B); map max(norm A, norm B)
 =========  ===================================================================  ==========================
 
 ADL is parameter free, so it is attached with forward hooks on the model's own
@@ -28,7 +37,9 @@ stages (documented in :data:`ADL_POSITIONS`).
 
 The context embeddings are learned the same way whatever the method: the step's
 own features (of the transformed images) with the image's label (for CutMix the
-label of the image that keeps the larger share, ``y_a``).
+label of the image that keeps the larger share, ``y_a``). Their masks come from the
+CAM, except for ACoL, where they come from its fused map (the step's two heads, max
+of the normalised maps).
 
 Randomness uses torch's and numpy's global generators, which the training loop
 seeds per epoch and stores in its checkpoints, so resume stays exact.
@@ -46,12 +57,16 @@ from torch import Tensor, nn
 __all__ = ["METHODS", "METHOD_DEFAULTS", "ADL_POSITIONS", "WSOLMethod", "make_method", "has", "cutmix",
            "ADL", "attach_adl"]
 
-METHODS = ("cam", "has", "adl", "cutmix")
+METHODS = ("cam", "has", "adl", "cutmix", "spg", "acol")
 METHOD_DEFAULTS: Dict[str, Dict[str, float]] = {
     "cam": {},
     "has": {"grid_size": 4, "drop_rate": 0.5},
     "adl": {"drop_rate": 0.75, "threshold": 0.9},
     "cutmix": {"beta": 1.0, "prob": 1.0},
+    # wsolevaluation config.py: --spg_threshold_{1,2,3}{h,l}, --acol_threshold
+    "spg": {"threshold_1h": 0.7, "threshold_1l": 0.01, "threshold_2h": 0.5, "threshold_2l": 0.05,
+            "threshold_3h": 0.7, "threshold_3l": 0.1},
+    "acol": {"threshold": 0.7},
 }
 
 # module names (model.named_modules()) whose output goes through ADL, per arch
@@ -168,10 +183,17 @@ def attach_adl(model: nn.Module, drop_rate: float = 0.75, threshold: float = 0.9
 @dataclass
 class WSOLMethod:
     """What a training step needs from a method: ``wrap(model)`` once, then per step
-    ``images, loss_fn, emb_labels = prepare(images, labels)`` and ``loss = loss_fn(logits)``."""
+    ``images, loss_fn, emb_labels = prepare(images, labels)`` and ``loss = loss_fn(logits)``.
+    For SPG / ACoL (``changes_model``) the step instead runs ``out = model(images,
+    labels=labels, aux=True)`` and takes ``loss = model.loss(out, labels)``."""
 
     name: str = "cam"
     params: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def changes_model(self) -> bool:
+        """SPG and ACoL train a different network (built by ``spg_acol.build_method_model``)."""
+        return self.name in ("spg", "acol")
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.name == "adl":
@@ -203,4 +225,8 @@ def make_method(name: str = "cam", **params) -> WSOLMethod:
         raise ValueError(f"adl: drop_rate and threshold must be in [0, 1]; got {p}")
     if key == "cutmix" and (p["beta"] < 0 or not 0 <= p["prob"] <= 1):
         raise ValueError(f"cutmix: beta must be >= 0 and prob in [0, 1]; got {p}")
+    if key in ("spg", "acol"):
+        bad = {k: v for k, v in p.items() if not 0 <= v <= 1}
+        if bad:
+            raise ValueError(f"{key}: thresholds must be in [0, 1]; got {bad}")
     return WSOLMethod(key, p)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 import torch
 
-from .evaluate import MapSpec, compute_maps, evaluate, jsonable
+from .evaluate import MapSpec, _classifier_weight, compute_maps, evaluate, jsonable, model_cam_fn
 from .metrics import best_box, box_metrics, normalize_scoremap
 
 __all__ = ["REAL_DATASETS", "default_input_size", "choose_tau", "boxes_from_maps", "write_localization",
@@ -76,8 +76,8 @@ def boxes_from_maps(model, dataset, spec: MapSpec, tau: float, *, embeddings: Op
     for images, labels, ids in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         images, labels = images.to(device), labels.to(device).long()
         logits, feats = model(images, return_features=True)
-        maps = compute_maps(feats.float(), model.classifier_weight.detach().float(), {"m": spec}, labels,
-                            logits.argmax(1), embeddings, cam_threshold)["m"].cpu()
+        maps = compute_maps(feats.float(), _classifier_weight(model), {"m": spec}, labels,
+                            logits.argmax(1), embeddings, cam_threshold, cam_fn=model_cam_fn(model))["m"].cpu()
         size = int(images.shape[-1])
         for b, image_id in enumerate(ids):
             sm = normalize_scoremap(maps[b], size=size)

@@ -261,7 +261,9 @@ def _primary(m: Mapping[str, Any]) -> float:
 # the CREAM_Reg parts (Tables 2/3, 5 with the regressor, 6; Fig. 6 right)
 # --------------------------------------------------------------------------------------
 PARTS = ("pseudo", "reg", "methods")
-METHOD_NAMES = ("has", "adl", "cutmix")  # the embedded reproduce's other methods (its default)
+# the embedded reproduce's other methods (its default): the paper's Fig. 6 is CAM, HaS and SPG (issue 23);
+# ADL, CutMix and ACoL through --methods
+METHOD_NAMES = ("has", "spg")
 _LABELS = {"has": "HaS", "adl": "ADL", "cutmix": "CutMix", "cam": "CAM", "spg": "SPG", "acol": "ACoL"}
 
 
@@ -375,34 +377,6 @@ def _run_methods(ckpt: str, out: str, methods: Sequence[str], curve: float, devi
     return results
 
 
-def _fig_methods(runs: List[Dict[str, Any]], methods: Sequence[str], path: str) -> str:
-    from .figures import _plt, _save
-
-    plt = _plt()
-    names = ("cam",) + tuple(methods)
-    names = tuple(m for m in names if runs[0]["methods"][m]["curve"])  # BoxAccV2 curves need boxes
-    if not names:
-        return None
-    fig, axes = plt.subplots(1, len(names), figsize=(3.0 * len(names), 2.8), sharey=True, squeeze=False)
-    for ax, m in zip(axes[0], names):
-        th = np.asarray(runs[0]["methods"][m]["thresholds"])
-        for key, color in (("method", "tab:blue"), ("method + CREAM", "tab:red")):
-            c = np.mean([np.asarray(r["methods"][m]["curve"][key]) for r in runs], axis=0)
-            label = _label(m) if key == "method" else f"{_label(m)} + CREAM"
-            ax.plot(th, c, color=color, lw=1.4, label=label)
-        ax.set_title(_label(m), fontsize=9)
-        ax.set_xlabel("tau")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("BoxAccV2 (%)")
-    fig.suptitle("BoxAccV2 (mean of IoU 30/50/70) vs tau, method vs method + CREAM (cf. paper Fig. 6 right)",
-                 fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path, 110)
-
-
 def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: bool = False,
                   device: str = "cpu", progress: bool = True, parts: Sequence[str] = PARTS,
                   methods: Sequence[str] = METHOD_NAMES, spec=None, pseudo_size: Optional[int] = None,
@@ -420,7 +394,8 @@ def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: 
             runs found there with the same config are reused, unfinished ones resumed).
         quick: a coarser tau grid (0.05) for CI-size runs (the schedule is the base run's).
         parts: any of ``"pseudo"``, ``"reg"`` (needs ``"pseudo"``), ``"methods"``.
-        methods: which other methods to train (any of :func:`method_names`; default HaS, ADL, CutMix).
+        methods: which other methods to train (any of :func:`method_names`; default HaS and SPG, the paper's
+            Fig. 6).
         spec: the CREAM map (an ``evaluate.MapSpec``; default T=2, sigma 8, dot), e.g. the one the
             reproduce picked on val; used for the pseudo boxes and every "+ CREAM" number.
         pseudo_size: the pseudo boxes' (and the regressor's) input side (default:
@@ -428,9 +403,10 @@ def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: 
         progress_cb: called with a one-line message at every stage (e.g. the reproduce's logger).
 
     Returns:
-        ``{"tables": {"Table 2/3 (CREAM_Reg)", "Table 5", "Table 6 (pseudo boxes)", "Fig. 6 (right)"}:
+        ``{"tables": {"Table 2/3 (CREAM_Reg)", "Table 5", "Table 6 (pseudo boxes)", "Fig. 6 (right)",
+        "Table 1 deltas"}:
         Markdown strings, "numbers": the same as {row: {column: {"mean", "std", "n", "values"}}},
-        "figures": {"fig6_right": path}, "time_s" / "cpu_s": {part: wall / process CPU seconds, summed
+        "figures": {"fig6": path}, "time_s" / "cpu_s": {part: wall / process CPU seconds, summed
         over runs}, "runs": the
         per-run raw results, "notes": [str]}``.
     """
@@ -529,9 +505,13 @@ def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: 
         numbers["Fig. 6 (right)"] = {_label(m): num[m] for m in names}
         tables["Fig. 6 (right)"] = _md_table(["method", "MaxBoxAccV2", "MaxBoxAccV2 + CREAM", "PxAP", "PxAP + CREAM"],
                                              rows)
-        fig6 = _fig_methods(runs, methods, os.path.join(out_dir, "fig6_right_methods.png"))
-        if fig6:
-            figures["fig6_right"] = fig6
+        from . import fig6 as fig6_mod
+
+        d = fig6_mod.deltas_table([r["methods"] for r in runs])
+        numbers["Table 1 deltas"] = d["numbers"]
+        tables["Table 1 deltas"] = d["markdown"]
+        if runs[0]["methods"]["cam"]["curve"]:  # BoxAccV2 against tau needs boxes
+            figures["fig6"] = fig6_mod.fig6_figure([r["methods"] for r in runs], os.path.join(out_dir, "fig6.png"))
     return {"tables": tables, "numbers": numbers, "figures": figures,
             "time_s": {**times, "total": time.time() - t_start},
             "cpu_s": {**cpu, "total": time.process_time() - c_start}, "runs": runs, "notes": notes}
@@ -552,8 +532,9 @@ def run_reg_parts(base_runs: Union[str, Sequence[str]], out_dir: str, *, quick: 
 # --quick (CI) runs them on the first run only.
 REPRODUCE_REGIMES = ("cub",)
 # Bumped when what the parts compute changes, so a reproduce recomputes them for runs it
-# reuses (2: the zero-weight regressor head and one lr rule for every backbone).
-SECTIONS_VERSION = 2
+# reuses (2: the zero-weight regressor head and one lr rule for every backbone; 3: the methods
+# CAM, HaS and SPG by default, Fig. 6 in the paper's shape and the Table 1 deltas, issue 23).
+SECTIONS_VERSION = 3
 REPRODUCE_RUNS_QUICK = (("cub", "small", 0),)
 
 
@@ -607,6 +588,9 @@ def reproduce_sections(run: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     if "Fig. 6 (right)" in num:
         out["Fig. 6 (right): WSOL methods with and without CREAM"] = {
             m: {c: v(st) for c, st in cols.items() if v(st) is not None} for m, cols in num["Fig. 6 (right)"].items()}
+    if "Table 1 deltas" in num:
+        out["Table 1 deltas: method - CAM, method + CREAM - method"] = {
+            m: {c: v(st) for c, st in cols.items() if v(st) is not None} for m, cols in num["Table 1 deltas"].items()}
     out["_time_s"] = res["time_s"]["total"]
     out["_version"] = SECTIONS_VERSION
     out["_parts"] = list(parts)
@@ -1625,7 +1609,7 @@ def reproduce(out_dir: str = "cream_reproduce", *, seeds: Optional[Sequence[int]
     pipeline on that data, one run per seed (default seed 0), with the paper's numbers beside
     ours in the report. ``pretrained``: a state dict file, None (random init) or the preset's
     choice (the default; vgg16 / resnet50 / inceptionv3 need a file or None). ``methods``: other
-    WSOL methods to train and score with and without CREAM (default: HaS, ADL, CutMix on the
+    WSOL methods to train and score with and without CREAM (default: HaS and SPG on the
     embedded runs that carry the CREAM_Reg parts; none on a folder). ``epochs``, ``image_size``,
     ``batch_size``, ``max_steps_per_epoch``: overrides for small runs. Every option is checked
     first (:func:`plan`; :class:`OptionError`).

@@ -91,7 +91,7 @@ class TrainConfig(ConfigMixin):
     progress: bool = True
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     model_kwargs: Dict[str, Any] = field(default_factory=dict)
-    method: str = "cam"  # WSOL training method (methods.py, issue 9): cam | has | adl | cutmix
+    method: str = "cam"  # WSOL training method (methods.py, issues 9, 23): cam | has | adl | cutmix | spg | acol
     method_kwargs: Dict[str, float] = field(default_factory=dict)  # overrides of its defaults
 
 
@@ -260,7 +260,9 @@ def deterministic_training(fn):
 
 
 def load_trained(path: str, device: str = "cpu"):
-    """(model in eval mode, ContextEmbeddings, TrainConfig) from a checkpoint."""
+    """(model in eval mode, ContextEmbeddings, TrainConfig) from a checkpoint. The model is the
+    one the checkpoint's method trained (SPG / ACoL: their networks, rebuilt with the
+    checkpoint's method parameters)."""
     ck = load_checkpoint(path, map_location=device)
     fmt = ck.get("format") if isinstance(ck, dict) else None
     if fmt != "cream_wsol.checkpoint/1":
@@ -269,8 +271,10 @@ def load_trained(path: str, device: str = "cpu"):
         raise ValueError(f"{path} is {what}, not a training checkpoint (format 'cream_wsol.checkpoint/1'); "
                          "give the checkpoint.pt written by cream-wsol train")
     cfg = TrainConfig.from_dict(ck["config"])
-    model = build_model(cfg.arch, ck["num_classes"], large_feature_map=cfg.large_feature_map,
-                        **cfg.model_kwargs)
+    from .spg_acol import build_method_model  # SPG / ACoL: their networks, with the checkpoint's parameters
+
+    model = build_method_model(cfg.arch, ck["num_classes"], cfg.method, cfg.method_kwargs,
+                               large_feature_map=cfg.large_feature_map, **cfg.model_kwargs)
     model.load_state_dict(ck["model"])
     model.to(device).eval()
     emb = make_embeddings(ck["num_classes"], model.feature_dim, cfg.cream_momentum, cfg.cam_threshold,

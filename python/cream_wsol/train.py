@@ -409,10 +409,13 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
         # same init on every rank (DDP would broadcast anyway); a resumed run takes its
         # weights from the checkpoint, not from the ImageNet file
         _seed_everything(cfg.seed)
-        model = build_model(cfg.arch, num_classes, large_feature_map=cfg.large_feature_map,
-                            pretrained=None if resume else cfg.pretrained, **cfg.model_kwargs).to(device)
-        from .methods import make_method  # issue 9 hook: the WSOL method (HaS / ADL / CutMix)
+        from .methods import make_method  # issue 9 hook: the WSOL method (HaS / ADL / CutMix / SPG / ACoL)
+        from .spg_acol import build_method_model
+
         method = make_method(cfg.method, **cfg.method_kwargs)
+        model = build_method_model(cfg.arch, num_classes, cfg.method, cfg.method_kwargs,
+                                   large_feature_map=cfg.large_feature_map,
+                                   pretrained=None if resume else cfg.pretrained, **cfg.model_kwargs).to(device)
         method.wrap(model)
         emb = _make_embeddings(num_classes, model.feature_dim, cfg.cream_momentum, cfg.cam_threshold,
                                cfg.embedding_init, cfg.seed).to(device)
@@ -545,13 +548,23 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                 for batch in bar:
                     images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device).long()
                     images, loss_fn, emb_labels = method.prepare(images, labels)  # issue 9 hook (cam: unchanged)
-                    logits, feats = ddp_model(images, return_features=True)
-                    loss = loss_fn(logits)
+                    emb_cam = None
+                    if method.changes_model:  # SPG / ACoL: side outputs and their own loss (issue 23)
+                        out = ddp_model(images, labels=labels, aux=True)
+                        logits, feats = out["logits"], out["features"]
+                        loss = model.loss(out, labels)
+                        emb_cam = out.get("emb_cam")  # ACoL: the fused map masks the embedding update
+                    else:
+                        logits, feats = ddp_model(images, return_features=True)
+                        loss = loss_fn(logits)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     # Eqs. 3-4 with the weight this forward used (before the step), features detached
                     with torch.no_grad():
-                        emb.update(feats.detach(), emb_labels, classifier_weight=model.classifier_weight.detach())
+                        if emb_cam is not None:
+                            emb.update(feats.detach(), emb_labels, cam=emb_cam.detach().float())
+                        else:
+                            emb.update(feats.detach(), emb_labels, classifier_weight=model.classifier_weight.detach())
                     optimizer.step()
                     step_in_epoch += 1
                     global_step += 1
@@ -673,6 +686,11 @@ def learn_embeddings(model: CAMNet, dataset, momenta: Sequence[float], *, init: 
         for batch in _tqdm(loader, desc=f"embeddings pass {epoch + 1}/{epochs}", disable=not progress, leave=False):
             images, labels = batch[0].to(device), batch[1].to(device).long()
             _, feats = model(images, return_features=True)
+            if getattr(model, "method", "") == "acol":  # its map is not W . f (issue 23)
+                cam = model.cams(feats, labels)
+                for t in tables.values():
+                    t.update(feats, labels, cam=cam)
+                continue
             for t in tables.values():
                 t.update(feats, labels, classifier_weight=model.classifier_weight)
     return tables

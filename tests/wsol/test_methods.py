@@ -105,7 +105,7 @@ def test_attach_adl_keeps_state_dict_and_eval():
 def test_make_method_validation():
     assert make_method("cutmix", beta=0.5).params == {"beta": 0.5, "prob": 1.0}
     with pytest.raises(ValueError, match="unknown WSOL method"):
-        make_method("spg")
+        make_method("gradcam")
     with pytest.raises(ValueError, match="no parameter"):
         make_method("has", beta=1.0)
 

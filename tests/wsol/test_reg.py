@@ -205,13 +205,18 @@ def test_reproduce_parts(base_run, tmp_path):
     msgs = []
     r = run_reg_parts(os.path.dirname(ckpt), str(tmp_path / "parts"), quick=True, progress=False,
                       methods=("adl",), progress_cb=msgs.append)
-    assert set(r["tables"]) == {"Table 2/3 (CREAM_Reg)", "Table 5", "Table 6 (pseudo boxes)", "Fig. 6 (right)"}
-    assert os.path.isfile(r["figures"]["fig6_right"]) and msgs
+    assert set(r["tables"]) == {"Table 2/3 (CREAM_Reg)", "Table 5", "Table 6 (pseudo boxes)", "Fig. 6 (right)",
+                                "Table 1 deltas"}
+    assert os.path.isfile(r["figures"]["fig6"]) and msgs
     t = r["numbers"]["Table 2/3 (CREAM_Reg)"]
     assert set(t) == {"CAM", "CREAM_Base", "CREAM_Reg"}
     assert r["numbers"]["Table 5"]["+ regressor (CREAM_Reg)"]["PxAP"] is None
     assert set(r["numbers"]["Fig. 6 (right)"]) == {"CAM", "ADL"}
     assert "| ADL |" in r["tables"]["Fig. 6 (right)"]
+    deltas = r["numbers"]["Table 1 deltas"]  # ADL - CAM, paired on this one run
+    adl, cam = r["numbers"]["Fig. 6 (right)"]["ADL"], r["numbers"]["Fig. 6 (right)"]["CAM"]
+    assert deltas["ADL"]["MaxBoxAccV2 - CAM"]["mean"] == pytest.approx(
+        adl["MaxBoxAccV2 (method)"]["mean"] - cam["MaxBoxAccV2 (method)"]["mean"])
     with pytest.raises(ValueError, match="needs part 'pseudo'"):
         run_reg_parts(ckpt, str(tmp_path / "x"), parts=("reg",))
 
