@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 import torch
 
+from . import distributed
 from .evaluate import MapSpec, compute_maps, evaluate, jsonable
 from .metrics import best_box, box_metrics, normalize_scoremap
 
@@ -72,7 +73,9 @@ def boxes_from_maps(model, dataset, spec: MapSpec, tau: float, *, embeddings: Op
         raise ValueError(f"tau must be in [0, 1); got {tau}")
     model.eval()
     out: Dict[str, np.ndarray] = {}
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    mine = distributed.batch_shard(len(dataset), batch_size, *distributed.world())  # whole batches of this rank
+    part = dataset if len(mine) == len(dataset) else torch.utils.data.Subset(dataset, mine)
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=0)
     for images, labels, ids in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         images, labels = images.to(device), labels.to(device).long()
         logits, feats = model(images, return_features=True)
@@ -82,7 +85,7 @@ def boxes_from_maps(model, dataset, spec: MapSpec, tau: float, *, embeddings: Op
         for b, image_id in enumerate(ids):
             sm = normalize_scoremap(maps[b], size=size)
             out[image_id] = best_box(sm, float(tau)).box  # one box: the largest contour
-    return out
+    return distributed.merge_dicts(out)  # every rank's boxes, on every rank
 
 
 def write_localization(out_root: str, split: str, dataset, boxes: Mapping[str, np.ndarray]) -> str:
@@ -159,14 +162,19 @@ def generate_pseudo_boxes(checkpoint: str, out_dir: str, *, split: str = "train"
     t1 = time.time()
     boxes = boxes_from_maps(model, ds, spec, tau_info["tau"], embeddings={"learned": emb},
                             cam_threshold=cfg.cam_threshold, batch_size=batch_size, device=device, progress=progress)
-    write_localization(out_dir, split, ds, boxes)
+    main = distributed.world()[0] == 0  # under torchrun: rank 0 writes, the others return
+    if main:
+        write_localization(out_dir, split, ds, boxes)
+    distributed.barrier()  # under torchrun: localization.txt exists for every rank from here on
     meta: Dict[str, Any] = {
         "format": "cream_wsol.pseudo_boxes/1", "checkpoint": os.path.abspath(checkpoint), "split": split,
         "input_size": size, "map": dataclasses.asdict(spec), "tau": tau_info,
         "data_root": droot, "metadata_root": mroot, "num_images": len(ds),
         "gt_known": box_gt_known(boxes, ds), "time_s": {"tau": t_tau, "boxes": time.time() - t1},
     }
-    if ddt:
+    if not main:  # rank 0 alone runs DDT and writes pseudo_boxes.json
+        return meta
+    if ddt:  # DDT's float64 statistics are summed in one process (rank 0), never sharded
         from .ddt import ddt_pseudo_boxes
 
         t2 = time.time()
