@@ -446,6 +446,9 @@ def _cmd_reproduce(a) -> int:
         except ValueError:
             raise OptionError(f"{opt}: expected a comma list of integers, got {text!r}") from None
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its stages are not rank-aware (README: torchrun)
+        raise ArgError("reproduce runs as one process, not under torchrun (WORLD_SIZE="
+                       f"{os.environ['WORLD_SIZE']}); shard `cream-wsol evaluate` / `pseudo-boxes` instead")
     try:
         if a.pretrained and a.no_pretrained:
             raise OptionError("--pretrained / --no-pretrained: give one of them, not both")

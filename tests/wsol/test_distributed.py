@@ -96,3 +96,10 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert len(maps1) == 14
     for rel in maps1:
         assert _read(os.path.join(one, "maps", rel)) == _read(os.path.join(two, "maps", rel)), rel
+
+
+def test_reproduce_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["reproduce", "--quick", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: reproduce runs as one process") and err.count("\n") == 1
