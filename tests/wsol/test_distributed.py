@@ -90,11 +90,16 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     for m in (meta1, meta2):
         m.pop("time_s")
     assert meta1 == meta2 and meta1["num_images"] == 16
-    # per-image maps written by both ranks land in one folder, the same arrays as one process's
-    maps1 = sorted(os.path.relpath(os.path.join(r, f), os.path.join(one, "maps"))
-                   for r, _, fs in os.walk(os.path.join(one, "maps", "maps")) for f in fs)
-    assert len(maps1) == 14
-    for rel in maps1:
+    # per-image maps written by both ranks land in one folder, the same arrays as one process's; rank 0's
+    # overlays (drawn from the gathered image list) and figures are the same files too
+    def listing(d):
+        return sorted(os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
+
+    files = listing(os.path.join(one, "maps"))
+    assert files == listing(os.path.join(two, "maps"))
+    assert sum(f.startswith("maps" + os.sep) for f in files) == 14
+    assert sum(f.startswith("overlays" + os.sep) for f in files) == 14
+    for rel in files:
         assert _read(os.path.join(one, "maps", rel)) == _read(os.path.join(two, "maps", rel)), rel
 
 
