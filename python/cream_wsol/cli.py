@@ -11,6 +11,7 @@
     cream-wsol evaluate runs/cub-r50/best.pt --select-on val --save-maps runs/cub-r50/maps
     cream-wsol train --preset synthetic --method adl --out runs/synth-adl
     cream-wsol pseudo-boxes runs/synth/checkpoint.pt --split train --out runs/pseudo --ddt
+    torchrun --standalone --nproc_per_node 8 -m cream_wsol evaluate runs/cub-r50/best.pt --split test
     cream-wsol regress --pseudo-boxes runs/pseudo --preset synthetic --out runs/reg \\
         --evaluate runs/synth/checkpoint.pt
     torchrun --nproc_per_node 2 -m cream_wsol train --preset synthetic --out runs/ddp

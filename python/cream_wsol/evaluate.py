@@ -181,7 +181,11 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
     True, :class:`EvaluationStopped` is raised.
 
     Rows of predicted-class maps (``target="pred"``) carry no "GT-known Loc" and no
-    "Top-5 Loc": both are defined on the ground-truth class's map."""
+    "Top-5 Loc": both are defined on the ground-truth class's map.
+
+    Inside :func:`cream_wsol.distributed.sharded` under torchrun, each rank scores its
+    block of whole batches and every rank returns the merged result of the whole split,
+    equal to the one-process one (:mod:`cream_wsol.distributed`)."""
     from torch.utils.data import DataLoader
 
     from .metrics import BoxEvaluator, MaskEvaluator, normalize_scoremap

@@ -65,7 +65,9 @@ def boxes_from_maps(model, dataset, spec: MapSpec, tau: float, *, embeddings: Op
                     cam_threshold: float = 0.2, batch_size: int = 32, device: str = "cpu",
                     progress: bool = True, desc: str = "pseudo boxes") -> Dict[str, np.ndarray]:
     """{image_id: box [4] int64 (x0, y0, x1, y1) in the dataset's S x S frame}: the largest
-    contour of the ground-truth class's map at ``tau``."""
+    contour of the ground-truth class's map at ``tau``. Inside
+    :func:`cream_wsol.distributed.sharded` under torchrun each rank maps its block of whole
+    batches and every rank returns the boxes of the whole split."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -139,7 +141,12 @@ def generate_pseudo_boxes(checkpoint: str, out_dir: str, *, split: str = "train"
                           log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """CREAM_Base pseudo boxes of ``split`` -> ``out_dir`` (and DDT's, in ``out_dir/ddt``, when
     ``ddt``). ``tau`` None: chosen on the val split. Returns the metadata written to
-    ``out_dir/pseudo_boxes.json`` (tau, GT-known of the boxes when the split has boxes, times)."""
+    ``out_dir/pseudo_boxes.json`` (tau, GT-known of the boxes when the split has boxes, times).
+
+    Under torchrun (inside :func:`cream_wsol.distributed.sharded`) the tau and the boxes are
+    computed across the ranks, rank 0 writes ``localization.txt`` (every rank waits for it),
+    then rank 0 alone runs DDT and writes ``pseudo_boxes.json``; the other ranks return the
+    metadata without the ``"ddt"`` entry."""
     from .data import WSOLDataset
     from .runs import load_trained
 
