@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ def batch_shard(n: int, batch_size: int, rank: int, size: int) -> range:
 
 def gather_objects(obj: Any) -> List[Any]:
     """Every rank's ``obj``, in rank order, on every rank (``[obj]`` when not sharded)."""
-    rank, size = world()
+    size = world()[1]
     if size == 1:
         return [obj]
     out: List[Any] = [None] * size
