@@ -11,6 +11,7 @@
     cream-wsol evaluate runs/cub-r50/best.pt --select-on val --save-maps runs/cub-r50/maps
     cream-wsol train --preset synthetic --method adl --out runs/synth-adl
     cream-wsol pseudo-boxes runs/synth/checkpoint.pt --split train --out runs/pseudo --ddt
+    torchrun --standalone --nproc_per_node 8 -m cream_wsol evaluate runs/cub-r50/best.pt --split test
     cream-wsol regress --pseudo-boxes runs/pseudo --preset synthetic --out runs/reg \\
         --evaluate runs/synth/checkpoint.pt
     torchrun --nproc_per_node 2 -m cream_wsol train --preset synthetic --out runs/ddp
@@ -20,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -365,6 +367,23 @@ def _cmd_train(a) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _ranks(device: str):
+    """``(device, rank)`` for a command that shards its split under torchrun
+    (:mod:`cream_wsol.distributed`); one process: ``(device, 0)``."""
+    import torch.distributed as dist
+
+    from . import distributed
+
+    dev, rank, _, own = distributed.setup(device)
+    try:
+        with distributed.sharded():
+            yield dev, rank
+    finally:
+        if own and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _cmd_evaluate(a) -> int:
     from .evaluate import MapSpec, evaluate_checkpoint, format_metrics_table, jsonable
 
@@ -384,14 +403,17 @@ def _cmd_evaluate(a) -> int:
             name = k if target == "gt" else f"{k} (predicted class)"
             specs[name] = MapSpec(k, num_iters=a.iters, sigma=a.sigma, similarity=a.similarity, target=target)
     try:
-        res = evaluate_checkpoint(a.checkpoint, split=a.split, data_root=a.data_root, metadata_root=a.metadata_root,
-                                  mask_root=a.mask_root, specs=specs, batch_size=a.batch_size,
-                                  cam_curve_interval=a.curve_interval, device=_device(a.device),
-                                  progress=not a.no_progress, max_images=a.max_images, select_on=a.select_on,
-                                  sigma_grid=grid, save_maps=a.save_maps)
+        with _ranks(_device(a.device)) as (device, rank):  # torchrun: split across ranks, merged exactly
+            res = evaluate_checkpoint(a.checkpoint, split=a.split, data_root=a.data_root,
+                                      metadata_root=a.metadata_root, mask_root=a.mask_root, specs=specs,
+                                      batch_size=a.batch_size, cam_curve_interval=a.curve_interval, device=device,
+                                      progress=not a.no_progress and rank == 0, max_images=a.max_images,
+                                      select_on=a.select_on, sigma_grid=grid, save_maps=a.save_maps)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if rank != 0:  # rank 0 prints and writes the merged result
+        return 0
     cls = res["classification"]
     print(f"{res['split']}: {cls['num_images']} images, top-1 {cls['top1']:.1f} %, top-5 {cls['top5']:.1f} %")
     if res["selection"]:
@@ -425,6 +447,9 @@ def _cmd_reproduce(a) -> int:
         except ValueError:
             raise OptionError(f"{opt}: expected a comma list of integers, got {text!r}") from None
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # its stages are not rank-aware (README: torchrun)
+        raise ArgError("reproduce runs as one process, not under torchrun (WORLD_SIZE="
+                       f"{os.environ['WORLD_SIZE']}); shard `cream-wsol evaluate` / `pseudo-boxes` instead")
     try:
         if a.pretrained and a.no_pretrained:
             raise OptionError("--pretrained / --no-pretrained: give one of them, not both")
@@ -450,13 +475,16 @@ def _cmd_pseudo_boxes(a) -> int:
     _check_data_roots(a, a.split)
     _argcheck.training_checkpoint("checkpoint", a.checkpoint)
     try:
-        meta = generate_pseudo_boxes(a.checkpoint, a.out, split=a.split, input_size=a.input_size,
-                                     data_root=a.data_root, metadata_root=a.metadata_root, tau=a.tau,
-                                     cam_curve_interval=a.curve_interval, batch_size=a.batch_size,
-                                     device=_device(a.device), progress=not a.no_progress, ddt=a.ddt)
+        with _ranks(_device(a.device)) as (device, rank):  # torchrun: split across ranks, rank 0 writes
+            meta = generate_pseudo_boxes(a.checkpoint, a.out, split=a.split, input_size=a.input_size,
+                                         data_root=a.data_root, metadata_root=a.metadata_root, tau=a.tau,
+                                         cam_curve_interval=a.curve_interval, batch_size=a.batch_size,
+                                         device=device, progress=not a.no_progress and rank == 0, ddt=a.ddt)
     except (FileNotFoundError, ValueError) as exc:  # a wrong checkpoint, split or data folder
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if rank != 0:
+        return 0
     out = {k: meta[k] for k in ("split", "input_size", "tau", "num_images", "gt_known")}
     if "ddt" in meta:
         out["ddt_gt_known"] = meta["ddt"]["gt_known"]

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import distributed
 from .models import class_activation_maps
 
 __all__ = [
@@ -196,7 +197,11 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
     True, :class:`EvaluationStopped` is raised.
 
     Rows of predicted-class maps (``target="pred"``) carry no "GT-known Loc" and no
-    "Top-5 Loc": both are defined on the ground-truth class's map."""
+    "Top-5 Loc": both are defined on the ground-truth class's map.
+
+    Inside :func:`cream_wsol.distributed.sharded` under torchrun, each rank scores its
+    block of whole batches and every rank returns the merged result of the whole split,
+    equal to the one-process one (:mod:`cream_wsol.distributed`)."""
     from torch.utils.data import DataLoader
 
     from .metrics import BoxEvaluator, MaskEvaluator, normalize_scoremap
@@ -214,7 +219,9 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
     hists = {n: {"fg": np.zeros(histogram_bins), "bg": np.zeros(histogram_bins)} for n in histogram_specs}
     examples: List[Dict[str, Any]] = []
     n_total = len(dataset) if max_images is None else min(len(dataset), int(max_images))
-    subset = dataset if n_total == len(dataset) else torch.utils.data.Subset(dataset, range(n_total))
+    rank, world = distributed.world()  # under torchrun + distributed.sharded(): this rank's batches
+    mine = distributed.batch_shard(n_total, batch_size, rank, world)
+    subset = dataset if len(mine) == len(dataset) else torch.utils.data.Subset(dataset, mine)
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=0)
     top1 = top5 = seen = 0
     from tqdm.auto import tqdm
@@ -263,12 +270,14 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
                 if per_image is not None:
                     per_image[name] = sm
             if on_image is not None:
-                on_image({"image_id": image_id, "index": seen - len(ids) + b, "label": int(labels[b]),
+                on_image({"image_id": image_id, "index": mine.start + seen - len(ids) + b, "label": int(labels[b]),
                           "pred": int(preds[b]), "boxes": gt_boxes, "maps": per_image})
             if keep:
                 if has_masks:
                     ex["mask"] = np.asarray(gt_mask, bool)
                 examples.append(ex)
+    box_ev, mask_ev, hists, examples, (top1, top5, seen) = distributed.merge_evaluation(
+        box_ev, mask_ev, hists, examples, (top1, top5, seen), keep_examples)  # exact, in image order
     elapsed = time.time() - t0
 
     metrics: Dict[str, Dict[str, Any]] = {}
@@ -584,6 +593,8 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "test", data_root: Opti
     res["split"] = split
     res["selection"] = selection
     if saver is not None:
+        saver.items = [it for part in distributed.gather_objects(saver.items) for it in part]  # image order
+    if saver is not None and distributed.world()[0] == 0:  # rank 0 draws (a shared folder across machines)
         taus = loc_taus if loc_taus is not None else {
             n: m["loc_tau"] for n, m in res["metrics"].items() if "loc_tau" in m}
         tau_from = (f"chosen on {select_on} (best tau@50)" if loc_taus is not None

@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import numpy as np
 import torch
 
+from . import distributed
 from .evaluate import MapSpec, _classifier_weight, compute_maps, evaluate, jsonable, model_cam_fn
 from .metrics import best_box, box_metrics, normalize_scoremap
 
@@ -64,7 +65,9 @@ def boxes_from_maps(model, dataset, spec: MapSpec, tau: float, *, embeddings: Op
                     cam_threshold: float = 0.2, batch_size: int = 32, device: str = "cpu",
                     progress: bool = True, desc: str = "pseudo boxes") -> Dict[str, np.ndarray]:
     """{image_id: box [4] int64 (x0, y0, x1, y1) in the dataset's S x S frame}: the largest
-    contour of the ground-truth class's map at ``tau``."""
+    contour of the ground-truth class's map at ``tau``. Inside
+    :func:`cream_wsol.distributed.sharded` under torchrun each rank maps its block of whole
+    batches and every rank returns the boxes of the whole split."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -72,7 +75,9 @@ def boxes_from_maps(model, dataset, spec: MapSpec, tau: float, *, embeddings: Op
         raise ValueError(f"tau must be in [0, 1); got {tau}")
     model.eval()
     out: Dict[str, np.ndarray] = {}
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    mine = distributed.batch_shard(len(dataset), batch_size, *distributed.world())  # whole batches of this rank
+    part = dataset if len(mine) == len(dataset) else torch.utils.data.Subset(dataset, mine)
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=0)
     for images, labels, ids in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         images, labels = images.to(device), labels.to(device).long()
         logits, feats = model(images, return_features=True)
@@ -82,7 +87,7 @@ def boxes_from_maps(model, dataset, spec: MapSpec, tau: float, *, embeddings: Op
         for b, image_id in enumerate(ids):
             sm = normalize_scoremap(maps[b], size=size)
             out[image_id] = best_box(sm, float(tau)).box  # one box: the largest contour
-    return out
+    return distributed.merge_dicts(out)  # every rank's boxes, on every rank
 
 
 def write_localization(out_root: str, split: str, dataset, boxes: Mapping[str, np.ndarray]) -> str:
@@ -136,7 +141,12 @@ def generate_pseudo_boxes(checkpoint: str, out_dir: str, *, split: str = "train"
                           log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """CREAM_Base pseudo boxes of ``split`` -> ``out_dir`` (and DDT's, in ``out_dir/ddt``, when
     ``ddt``). ``tau`` None: chosen on the val split. Returns the metadata written to
-    ``out_dir/pseudo_boxes.json`` (tau, GT-known of the boxes when the split has boxes, times)."""
+    ``out_dir/pseudo_boxes.json`` (tau, GT-known of the boxes when the split has boxes, times).
+
+    Under torchrun (inside :func:`cream_wsol.distributed.sharded`) the tau and the boxes are
+    computed across the ranks, rank 0 writes ``localization.txt`` (every rank waits for it),
+    then rank 0 alone runs DDT and writes ``pseudo_boxes.json``; the other ranks return the
+    metadata without the ``"ddt"`` entry."""
     from .data import WSOLDataset
     from .runs import load_trained
 
@@ -159,14 +169,19 @@ def generate_pseudo_boxes(checkpoint: str, out_dir: str, *, split: str = "train"
     t1 = time.time()
     boxes = boxes_from_maps(model, ds, spec, tau_info["tau"], embeddings={"learned": emb},
                             cam_threshold=cfg.cam_threshold, batch_size=batch_size, device=device, progress=progress)
-    write_localization(out_dir, split, ds, boxes)
+    main = distributed.world()[0] == 0  # under torchrun: rank 0 writes, the others return
+    if main:
+        write_localization(out_dir, split, ds, boxes)
+    distributed.barrier()  # under torchrun: localization.txt exists for every rank from here on
     meta: Dict[str, Any] = {
         "format": "cream_wsol.pseudo_boxes/1", "checkpoint": os.path.abspath(checkpoint), "split": split,
         "input_size": size, "map": dataclasses.asdict(spec), "tau": tau_info,
         "data_root": droot, "metadata_root": mroot, "num_images": len(ds),
         "gt_known": box_gt_known(boxes, ds), "time_s": {"tau": t_tau, "boxes": time.time() - t1},
     }
-    if ddt:
+    if not main:  # rank 0 alone runs DDT and writes pseudo_boxes.json
+        return meta
+    if ddt:  # DDT's float64 statistics are summed in one process (rank 0), never sharded
         from .ddt import ddt_pseudo_boxes
 
         t2 = time.time()
