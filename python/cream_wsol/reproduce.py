@@ -1719,6 +1719,7 @@ def _reproduce(out_dir, exp, seeds, regimes, backbones, progress, device, retrai
                data_info):
     quick = exp.quick
     t_start = time.time()
+    versions = _versions()  # at the start: the code that trains is the code named (not the checkout's state at the end)
     out_dir = os.path.abspath(out_dir)
     fig_dir = os.path.join(out_dir, "figures")
     with_auto = sigma_auto_supported()
@@ -1822,7 +1823,7 @@ def _reproduce(out_dir, exp, seeds, regimes, backbones, progress, device, retrai
     tables["claims"] = claims_table(A, configs)
     tables["cost"] = _cost_table(runs, A, configs)
     results = {
-        "versions": _versions(), "machine": _machine(), "quick": quick, "seeds": list(seeds),
+        "versions": versions, "machine": _machine(), "quick": quick, "seeds": list(seeds),
         "regimes": list(regimes), "backbones": list(backbones), "configs": [list(c) for c in configs],
         "curve_interval": CURVE_QUICK if quick else CURVE_FULL, "sigma_auto": with_auto,
         "source": exp.source, "data": exp.data, "data_info": data_info,
