@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context embedding momentum (0.8)")
     t.add_argument("--embedding-init", choices=["zeros", "random"])
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--num-workers", type=int_at_least(0))
+    t.add_argument("--num-workers", type=int_at_least(0),
+                   help="loader worker processes (default: from the machine; CUDA: cores - 1, at most 8; "
+                        "CPU: cores / 4, 1..4). The numbers do not depend on it")
     t.add_argument("--ckpt-every-minutes", type=number_in(0),
                    help="also checkpoint when this many minutes passed since the last checkpoint "
                         "(default 10; 0: off). SIGINT/SIGTERM always checkpoint before stopping")

@@ -18,8 +18,13 @@ Checkpoints (``<out>/checkpoint.pt``, written atomically: temp file +
 RNG states and the epoch / step, so ``resume`` continues exactly where the run
 stopped: two epochs in one go and one epoch + resume + one epoch give the same
 weights and embeddings bit for bit (data order and augmentation depend only on
-the seed, the epoch and the rank; with ``num_workers=0`` this also holds for a
-resume in the middle of an epoch).
+the seed, the epoch and the sample index: each sample's crop / flip is drawn from its
+own seed, :func:`cream_wsol.runs.sample_seed`, so any ``num_workers`` gives the same
+numbers and a resume in the middle of an epoch is exact with workers too).
+
+Input: ``num_workers`` loader processes (default :func:`cream_wsol.runs.default_num_workers`,
+from the cores and the device type); on CUDA pinned memory, ``non_blocking`` copies and
+workers that persist between epochs.
 
 Long runs (docs/harness.md, "Training" and "A real-data session"):
 
@@ -58,7 +63,7 @@ from torch import nn
 from .models import CAMNet, build_model
 from .runs import (BEST_NAME, CHECKPOINT_NAME, ConfigMixin, TrainConfig,  # noqa: F401 (public here too)
                    dist_setup, epoch_seed, load_checkpoint,
-                   load_trained, make_embeddings, make_loader, progress_bar, resolve_device, rng_state,
+                   load_trained, make_embeddings, make_loader, next_epoch, progress_bar, resolve_device, rng_state,
                    save_checkpoint, seed_everything, set_rng_state)
 
 # the loop's helpers under their former private names (cream_wsol.runs has them now)
@@ -522,6 +527,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
         done_s = next((float(e["time_s"]) for e in reversed(log) if "step" not in e and "time_s" in e), 0.0)
         done_s += float((resumed_stats or {}).get("epoch_s", 0.0))
         val_post: Dict[str, str] = {}
+        # CUDA: the workers persist between epochs (the loader moves on with next_epoch)
+        loader, persistent = None, device.type == "cuda"
         with stop:
             for epoch in range(start_epoch, cfg.epochs):
                 skip = start_step if epoch == start_epoch else 0
@@ -529,7 +536,10 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                     _set_rng_state(rng_resume)  # mid-epoch: continue the saved streams
                 else:
                     _seed_everything(_epoch_seed(cfg.seed, epoch, rank))
-                loader = _make_loader(dataset, cfg, epoch, rank, world, skip=skip)
+                if loader is None or not persistent:
+                    loader = _make_loader(dataset, cfg, epoch, rank, world, skip=skip, persistent=persistent)
+                else:
+                    next_epoch(loader, epoch, skip)
                 total = len(loader) + skip  # steps of this epoch
                 ddp_model.train()
                 t_epoch = time.time()
@@ -542,7 +552,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                 step_in_epoch = skip
                 stop_now = False
                 for batch in bar:
-                    images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device).long()
+                    images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True).long()
                     images, loss_fn, emb_labels = method.prepare(images, labels)  # issue 9 hook (cam: unchanged)
                     logits, feats = ddp_model(images, return_features=True)
                     loss = loss_fn(logits)
@@ -656,7 +666,7 @@ def _copy_atomic(src: str, dst: str) -> None:
 @torch.no_grad()
 def learn_embeddings(model: CAMNet, dataset, momenta: Sequence[float], *, init: str = "random",
                      cam_threshold: float = 0.2, batch_size: int = 32, epochs: int = 1, seed: int = 0,
-                     progress: bool = True, device: str = "cpu", num_workers: int = 0) -> Dict[float, Any]:
+                     progress: bool = True, device: str = "cpu", num_workers: Optional[int] = 0) -> Dict[float, Any]:
     """Re-learn context embeddings with a trained, frozen model (eval mode): one
     pass (``epochs``) over the training data with training augmentation, feeding
     the same features to one ``ContextEmbeddings`` per momentum. Used for the
@@ -665,7 +675,7 @@ def learn_embeddings(model: CAMNet, dataset, momenta: Sequence[float], *, init: 
     tables = {float(m): _make_embeddings(model.num_classes, model.feature_dim, float(m), cam_threshold, init,
                                          seed).to(device)
               for m in momenta}
-    cfg = TrainConfig(batch_size=batch_size, seed=seed, num_workers=num_workers)
+    cfg = TrainConfig(batch_size=batch_size, seed=seed, num_workers=num_workers, device=device)
     for epoch in range(epochs):
         _seed_everything(_epoch_seed(seed + 1, epoch, 0))
         loader = _make_loader(dataset, cfg, epoch, 0, 1, seed_offset=1)
