@@ -28,6 +28,8 @@ import json
 import math
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -36,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .models import class_activation_maps
+from .runs import loader_kwargs
 
 __all__ = [
     "MapSpec",
@@ -152,6 +155,12 @@ def _boxes_to_mask(boxes: np.ndarray, size: int) -> np.ndarray:
     return m
 
 
+def _default_metric_workers() -> int:
+    """Threads for the per-image metric work: 2 (one image's contours in numpy / OpenCV
+    beside the next, while the model runs); a fixed value, not a timing."""
+    return 2
+
+
 @torch.no_grad()
 def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
              embeddings: Optional[Mapping[str, Any]] = None, batch_size: int = 32,
@@ -160,7 +169,8 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
              histogram_specs: Sequence[str] = (), histogram_bins: int = 50,
              keep_examples: int = 0, max_images: Optional[int] = None, desc: str = "evaluate",
              should_stop: Optional[Callable[[], bool]] = None, loc_taus: Optional[Mapping[str, float]] = None,
-             on_image: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+             on_image: Optional[Callable[[Dict[str, Any]], None]] = None, num_workers: Optional[int] = None,
+             metric_workers: Optional[int] = None) -> Dict[str, Any]:
     """Score every map of ``specs`` on ``dataset`` (a ``WSOLDataset`` with train=False).
     Box metrics need boxes (CUB, ILSVRC, synthetic), PxAP needs masks (OpenImages,
     synthetic); whatever the split has is scored.
@@ -178,6 +188,12 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
     ``{image_id, index, label, pred, boxes, maps: {name: normalised map [S, S]}}``
     (``--save-maps``). ``should_stop`` is polled once per batch; when it returns
     True, :class:`EvaluationStopped` is raised.
+
+    ``num_workers``: loader processes (None: :func:`cream_wsol.runs.default_num_workers`;
+    pinned memory on CUDA). ``metric_workers``: threads doing the per-image metric work
+    (upsampling, contours over the thresholds) beside the model, two batches behind it
+    (None: 2, 0: in the loop); results are added in dataset order, so the numbers are
+    the same for any value.
 
     Rows of predicted-class maps (``target="pred"``) carry no "GT-known Loc" and no
     "Top-5 Loc": both are defined on the ground-truth class's map."""
@@ -199,60 +215,98 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
     examples: List[Dict[str, Any]] = []
     n_total = len(dataset) if max_images is None else min(len(dataset), int(max_images))
     subset = dataset if n_total == len(dataset) else torch.utils.data.Subset(dataset, range(n_total))
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=0)
+    dev = torch.device(device)
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, **loader_kwargs(num_workers, dev))
     top1 = top5 = seen = 0
     from tqdm.auto import tqdm
 
-    t0 = time.time()
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        if should_stop is not None and should_stop():
-            raise EvaluationStopped(f"{desc}: stopped after {seen} images")
-        images, labels, ids = batch[0].to(device), batch[1].to(device).long(), list(batch[2])
-        logits, feats = model(images, return_features=True)
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        preds = topk[:, 0]
-        ok1 = (preds == labels).cpu().numpy()
-        ok5 = (topk == labels[:, None]).any(dim=1).cpu().numpy()
-        top1 += int(ok1.sum())
-        top5 += int(ok5.sum())
-        seen += len(ids)
-        maps = compute_maps(feats.float(), model.classifier_weight.detach().float(), specs, labels, preds,
-                            embeddings, cam_threshold)
-        maps = {n: m.detach().float().cpu() for n, m in maps.items()}
-        size = int(images.shape[-1])
-        for b, image_id in enumerate(ids):
-            gt_boxes = np.asarray(dataset.gt_boxes(image_id)) if has_boxes else np.zeros((0, 4), np.int64)
+    def score(image_id: str, maps_b: Dict[str, Tensor], size: int, ok1: bool, ok5: bool):
+        """The per-image metric work (no shared state: runs in the pool)."""
+        gt_boxes = np.asarray(dataset.gt_boxes(image_id)) if has_boxes else np.zeros((0, 4), np.int64)
+        gt_mask, ignore = dataset.gt_mask(image_id) if has_masks else (None, None)
+        out = {}
+        for name, m in maps_b.items():
+            sm = normalize_scoremap(m, size=size)
+            r = {"sm": sm}
+            if has_boxes:
+                r["box"] = box_ev[name].score(sm, gt_boxes)
             if has_masks:
-                gt_mask, ignore = dataset.gt_mask(image_id)
-            else:
-                gt_mask, ignore = None, None
-            per_image = {} if on_image is not None else None
-            keep = len(examples) < keep_examples
-            ex = {"image_id": image_id, "image": denormalize(images[b]), "boxes": gt_boxes,
-                  "label": int(labels[b]), "pred": int(preds[b]), "maps": {}} if keep else None
-            for name, m in maps.items():
-                sm = normalize_scoremap(m[b], size=size)
-                if has_boxes:
-                    box_ev[name].accumulate(sm, gt_boxes, correct_top1=bool(ok1[b]), correct_top5=bool(ok5[b]))
-                if has_masks:
-                    mask_ev[name].accumulate(sm, gt_mask, ignore)
-                if name in hists:
-                    fgm = np.asarray(gt_mask, bool) if has_masks else _boxes_to_mask(gt_boxes, size)
-                    valid = ~np.asarray(ignore, bool) if (has_masks and ignore is not None) else np.ones_like(fgm)
-                    hists[name]["fg"] += np.histogram(sm[fgm & valid], bins=edges)[0]
-                    hists[name]["bg"] += np.histogram(sm[~fgm & valid], bins=edges)[0]
-                if keep:
-                    ex["maps"][name] = sm
-                if per_image is not None:
-                    per_image[name] = sm
-            if on_image is not None:
-                on_image({"image_id": image_id, "index": seen - len(ids) + b, "label": int(labels[b]),
-                          "pred": int(preds[b]), "boxes": gt_boxes, "maps": per_image})
+                r["mask"] = mask_ev[name].score(sm, gt_mask, ignore)
+            if name in hists:
+                fgm = np.asarray(gt_mask, bool) if has_masks else _boxes_to_mask(gt_boxes, size)
+                valid = ~np.asarray(ignore, bool) if (has_masks and ignore is not None) else np.ones_like(fgm)
+                r["hist"] = (np.histogram(sm[fgm & valid], bins=edges)[0], np.histogram(sm[~fgm & valid], bins=edges)[0])
+            out[name] = r
+        return gt_boxes, gt_mask, out
+
+    def add(item) -> None:
+        """Add one scored image, in dataset order (the same sums as the serial loop)."""
+        index, image_id, label, pred, ok1, ok5, image, (gt_boxes, gt_mask, scored) = item
+        keep = len(examples) < keep_examples
+        ex = {"image_id": image_id, "image": denormalize(image), "boxes": gt_boxes,
+              "label": label, "pred": pred, "maps": {}} if keep else None
+        for name, r in scored.items():
+            if has_boxes:
+                box_ev[name].add(r["box"], correct_top1=ok1, correct_top5=ok5)
+            if has_masks:
+                mask_ev[name].add(r["mask"])
+            if name in hists:
+                hists[name]["fg"] += r["hist"][0]
+                hists[name]["bg"] += r["hist"][1]
             if keep:
-                if has_masks:
-                    ex["mask"] = np.asarray(gt_mask, bool)
-                examples.append(ex)
+                ex["maps"][name] = r["sm"]
+        if on_image is not None:
+            on_image({"image_id": image_id, "index": index, "label": label, "pred": pred, "boxes": gt_boxes,
+                      "maps": {name: r["sm"] for name, r in scored.items()}})
+        if keep:
+            if has_masks:
+                ex["mask"] = np.asarray(gt_mask, bool)
+            examples.append(ex)
+
+    # metric_workers threads score batch k while the model runs batch k + 1 (torch, OpenCV and
+    # numpy release the GIL); results are added in order, so the sums are the serial loop's
+    n_pool = _default_metric_workers() if metric_workers is None else int(metric_workers)
+    pool = ThreadPoolExecutor(n_pool, thread_name_prefix="cream-metrics") if n_pool > 0 else None
+    pending: "deque" = deque()
+
+    def drain(keep_batches: int) -> None:
+        while len(pending) > keep_batches:
+            for meta, fut in pending.popleft():
+                add(meta + (fut.result() if pool is not None else fut,))
+
+    t0 = time.time()
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped(f"{desc}: stopped after {seen} images")
+            images = batch[0].to(device, non_blocking=True)
+            labels, ids = batch[1].to(device, non_blocking=True).long(), list(batch[2])
+            logits, feats = model(images, return_features=True)
+            k = min(5, logits.shape[1])
+            topk = logits.topk(k, dim=1).indices
+            preds = topk[:, 0]
+            ok1 = (preds == labels).cpu().numpy()
+            ok5 = (topk == labels[:, None]).any(dim=1).cpu().numpy()
+            top1 += int(ok1.sum())
+            top5 += int(ok5.sum())
+            maps = compute_maps(feats.float(), model.classifier_weight.detach().float(), specs, labels, preds,
+                                embeddings, cam_threshold)
+            maps = {n: m.detach().float().cpu() for n, m in maps.items()}
+            size = int(images.shape[-1])
+            keep_img = seen < keep_examples  # the first keep_examples images are kept
+            jobs = []
+            for b, image_id in enumerate(ids):
+                args = (image_id, {n: m[b] for n, m in maps.items()}, size, bool(ok1[b]), bool(ok5[b]))
+                meta = (seen + b, image_id, int(labels[b]), int(preds[b]), bool(ok1[b]), bool(ok5[b]),
+                        images[b].cpu() if keep_img else None)
+                jobs.append((meta, pool.submit(score, *args) if pool is not None else score(*args)))
+            seen += len(ids)
+            pending.append(jobs)
+            drain(2 if pool is not None else 0)
+        drain(0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     elapsed = time.time() - t0
 
     metrics: Dict[str, Dict[str, Any]] = {}

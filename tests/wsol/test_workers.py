@@ -100,3 +100,49 @@ def test_resume_mid_epoch_with_workers_is_exact(tiny_data, tmp_path):
     assert (ck["epoch"], ck["step_in_epoch"]) == (1, 1)
     resumed = train(cfg, resume="auto")
     _same_run(full["checkpoint"], resumed["checkpoint"])
+
+
+def _eval_result(res):
+    return {k: res[k] for k in ("metrics", "classification")}
+
+
+def test_evaluate_identical_with_and_without_the_metric_pool(tiny_data, tmp_path):
+    """Loader workers and the metric-work pool change no number: metrics, curves, histograms,
+    examples and the per-image callback, against the serial loop (0 workers, no pool)."""
+    import numpy as np
+
+    from cream_wsol.evaluate import DEFAULT_SPECS, evaluate
+    from cream_wsol.pseudo_boxes import boxes_from_maps
+    from cream_wsol.train import load_trained
+
+    r = train(_cfg(tiny_data, tmp_path / "run", epochs=1, num_workers=0))
+    model, emb, _ = load_trained(r["checkpoint"])
+    test = WSOLDataset(tiny_data[0], tiny_data[1], "test", train=False, image_size=IMAGE)
+    assert test.has_boxes and test.has_masks
+    runs = {}
+    for workers, pool in ((0, 0), (2, 2), (2, 3)):
+        seen = []
+        res = evaluate(model, test, DEFAULT_SPECS, embeddings={"learned": emb}, batch_size=4, progress=False,
+                       num_workers=workers, metric_workers=pool, histogram_specs=("CAM",), keep_examples=5,
+                       on_image=lambda d: seen.append((d["index"], d["image_id"], {k: v.copy() for k, v in d["maps"].items()})))
+        runs[(workers, pool)] = (res, seen)
+    ref, ref_seen = runs[(0, 0)]
+    assert len(ref["examples"]) == 5 and [s[0] for s in ref_seen] == list(range(len(test)))
+    for key, (res, seen) in runs.items():
+        assert _eval_result(res) == _eval_result(ref), key
+        assert np.array_equal(res["thresholds"], ref["thresholds"])
+        for n in ref["curves"]:
+            assert np.array_equal(res["curves"][n], ref["curves"][n])
+        for part in ("fg", "bg"):
+            assert np.array_equal(res["histograms"]["CAM"][part], ref["histograms"]["CAM"][part])
+        for a, b in zip(res["examples"], ref["examples"]):
+            assert a["image_id"] == b["image_id"] and np.array_equal(a["image"], b["image"])
+            assert all(np.array_equal(a["maps"][n], b["maps"][n]) for n in b["maps"])
+        assert [(i, d) for i, d, _ in seen] == [(i, d) for i, d, _ in ref_seen]
+        for (_, _, ma), (_, _, mb) in zip(seen, ref_seen):
+            assert all(np.array_equal(ma[n], mb[n]) for n in mb)
+    # pseudo boxes through workers: the same boxes
+    spec = DEFAULT_SPECS["CAM"]
+    b0 = boxes_from_maps(model, test, spec, 0.3, progress=False, num_workers=0)
+    b2 = boxes_from_maps(model, test, spec, 0.3, progress=False, num_workers=2)
+    assert b0.keys() == b2.keys() and all(np.array_equal(b0[k], b2[k]) for k in b0)
