@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .models import class_activation_maps
-from .runs import loader_kwargs
+from .runs import autocast, loader_kwargs
 
 __all__ = [
     "MapSpec",
@@ -170,7 +170,7 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
              keep_examples: int = 0, max_images: Optional[int] = None, desc: str = "evaluate",
              should_stop: Optional[Callable[[], bool]] = None, loc_taus: Optional[Mapping[str, float]] = None,
              on_image: Optional[Callable[[Dict[str, Any]], None]] = None, num_workers: Optional[int] = None,
-             metric_workers: Optional[int] = None) -> Dict[str, Any]:
+             metric_workers: Optional[int] = None, amp: Optional[str] = None) -> Dict[str, Any]:
     """Score every map of ``specs`` on ``dataset`` (a ``WSOLDataset`` with train=False).
     Box metrics need boxes (CUB, ILSVRC, synthetic), PxAP needs masks (OpenImages,
     synthetic); whatever the split has is scored.
@@ -193,7 +193,9 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
     pinned memory on CUDA). ``metric_workers``: threads doing the per-image metric work
     (upsampling, contours over the thresholds) beside the model, two batches behind it
     (None: 2, 0: in the loop); results are added in dataset order, so the numbers are
-    the same for any value.
+    the same for any value. ``amp``: ``"bf16"`` / ``"fp16"`` runs the network under
+    ``torch.autocast`` (the maps are then computed in fp32 from the bf16 / fp16 features);
+    on CUDA the images go in channels_last.
 
     Rows of predicted-class maps (``target="pred"``) carry no "GT-known Loc" and no
     "Top-5 Loc": both are defined on the ground-truth class's map."""
@@ -281,7 +283,11 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
                 raise EvaluationStopped(f"{desc}: stopped after {seen} images")
             images = batch[0].to(device, non_blocking=True)
             labels, ids = batch[1].to(device, non_blocking=True).long(), list(batch[2])
-            logits, feats = model(images, return_features=True)
+            if dev.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(amp, dev):
+                logits, feats = model(images, return_features=True)
+            logits = logits.float()
             k = min(5, logits.shape[1])
             topk = logits.topk(k, dim=1).indices
             preds = topk[:, 0]
@@ -588,7 +594,8 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "test", data_root: Opti
                         cam_curve_interval: float = 0.001, device: str = "cpu", progress: bool = True,
                         max_images: Optional[int] = None, select_on: Optional[str] = None,
                         sigma_grid: Optional[Sequence[float]] = None,
-                        save_maps: Optional[str] = None) -> Dict[str, Any]:
+                        save_maps: Optional[str] = None, num_workers: Optional[int] = None,
+                        amp: Optional[str] = None) -> Dict[str, Any]:
     """Load a training checkpoint and evaluate it on ``split`` (same data roots as
     training unless given; ``mask_root``: the folder the mask paths are relative
     to, e.g. OpenImages' mask folder).
@@ -599,10 +606,13 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "test", data_root: Opti
     from .runs import load_trained
 
     model, emb, cfg = load_trained(checkpoint, device=device)
+    if torch.device(device).type == "cuda":
+        model.to(memory_format=torch.channels_last)  # with the channels_last images evaluate() feeds it
     ds = _open_split(cfg, split, data_root, metadata_root, mask_root, checkpoint)
     specs = dict(specs or DEFAULT_SPECS)
     common = dict(embeddings={"learned": emb}, batch_size=batch_size, cam_threshold=cfg.cam_threshold,
                   cam_curve_interval=cam_curve_interval, device=device, progress=progress)
+    run_kw = dict(num_workers=num_workers, amp=amp)
     selection = None
     loc_taus = None
     if select_on:
@@ -610,13 +620,13 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "test", data_root: Opti
             raise ValueError(f"select_on={select_on!r} is the evaluated split itself; choose on another split")
         sel_ds = _open_split(cfg, select_on, data_root, metadata_root, mask_root, checkpoint)
         specs, selection, _ = select_on_split(model, sel_ds, specs, sigma_grid=sigma_grid, max_images=max_images,
-                                              desc=f"select on {select_on}", **common)
+                                              desc=f"select on {select_on}", **common, **run_kw)
         loc_taus = {n: s["tau"] for n, s in selection.items() if s.get("tau") is not None}
     saver = MapSaver(save_maps, list(specs)) if save_maps else None
     gt_names = [n for n, s in specs.items() if s.target == "gt"] or list(specs)
     res = evaluate(model, ds, specs, max_images=max_images, desc=f"evaluate {split}", loc_taus=loc_taus,
                    on_image=saver, histogram_specs=gt_names[:4] if saver else (),
-                   keep_examples=6 if saver else 0, **common)
+                   keep_examples=6 if saver else 0, **common, **run_kw)
     res["config"] = cfg.to_dict()
     res["split"] = split
     res["selection"] = selection

@@ -28,7 +28,7 @@ from .models import build_model
 
 __all__ = ["CHECKPOINT_NAME", "BEST_NAME", "ConfigMixin", "TrainConfig", "resolve_device", "dist_setup",
            "epoch_seed", "seed_everything", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
-           "make_loader", "next_epoch", "SeededSamples", "progress_bar", "default_num_workers", "sample_seed", "loader_kwargs", "make_embeddings", "load_trained", "same_settings", "resume_point"]
+           "make_loader", "next_epoch", "SeededSamples", "progress_bar", "default_num_workers", "sample_seed", "loader_kwargs", "AMP_DTYPES", "autocast", "make_embeddings", "load_trained", "same_settings", "resume_point"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -78,6 +78,7 @@ class TrainConfig(ConfigMixin):
     embedding_init: str = "zeros"
     seed: int = 0
     num_workers: Optional[int] = None  # loader worker processes (None: default_num_workers(device))
+    amp: Optional[str] = None  # mixed precision of the forward pass: None (fp32, the paper) | "bf16" | "fp16"
     out_dir: str = "runs/train"
     ckpt_every_steps: int = 0  # also checkpoint every N steps (0: off)
     ckpt_every_minutes: float = 10.0  # also checkpoint when this much time passed since the last (0: off)
@@ -195,6 +196,22 @@ def loader_kwargs(num_workers: Optional[int], device: Any = "cpu", persistent: b
     if n > 0:
         kw.update(persistent_workers=bool(persistent), prefetch_factor=2)
     return kw
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(amp: Optional[str], device: Any):
+    """The forward pass's mixed-precision context: ``torch.autocast`` in bf16 / fp16 on the
+    device's type, or a no-op for ``amp=None`` (fp32)."""
+    import contextlib
+
+    if amp is None:
+        return contextlib.nullcontext()
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16'; got {amp!r}")
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    return torch.autocast(dev.type, dtype=AMP_DTYPES[amp])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
