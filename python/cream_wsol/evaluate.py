@@ -156,9 +156,13 @@ def _boxes_to_mask(boxes: np.ndarray, size: int) -> np.ndarray:
 
 
 def _default_metric_workers() -> int:
-    """Threads for the per-image metric work: 2 (one image's contours in numpy / OpenCV
-    beside the next, while the model runs); a fixed value, not a timing."""
-    return 2
+    """Threads for the per-image metric work: half the usable cores, 2..8 (OpenCV's contours
+    and numpy release the GIL); a function of the machine, not of a timing."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS / Windows
+        cores = os.cpu_count() or 1
+    return max(2, min(8, cores // 2))
 
 
 @torch.no_grad()
@@ -192,7 +196,7 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
     ``num_workers``: loader processes (None: :func:`cream_wsol.runs.default_num_workers`;
     pinned memory on CUDA). ``metric_workers``: threads doing the per-image metric work
     (upsampling, contours over the thresholds) beside the model, two batches behind it
-    (None: 2, 0: in the loop); results are added in dataset order, so the numbers are
+    (None: half the cores, 2..8; 0: in the loop); results are added in dataset order, so the numbers are
     the same for any value. ``amp``: ``"bf16"`` / ``"fp16"`` runs the network under
     ``torch.autocast`` (the maps are then computed in fp32 from the bf16 / fp16 features);
     on CUDA the images go in channels_last.
