@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context embedding momentum (0.8)")
     t.add_argument("--embedding-init", choices=["zeros", "random"])
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--num-workers", type=int_at_least(0))
+    t.add_argument("--num-workers", type=int_at_least(0),
+                   help="loader worker processes (default: from the machine; CUDA: cores - 1, at most 8; "
+                        "CPU: cores / 4, 1..4). The numbers do not depend on it")
+    t.add_argument("--amp", choices=["bf16", "fp16"],
+                   help="mixed precision for the forward pass (default: off, fp32 as the paper; "
+                        "docs/harness.md 'Mixed precision')")
     t.add_argument("--ckpt-every-minutes", type=number_in(0),
                    help="also checkpoint when this many minutes passed since the last checkpoint "
                         "(default 10; 0: off). SIGINT/SIGTERM always checkpoint before stopping")
@@ -159,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "0.05,0.1,0.25,1,8 for cosine)")
     e.add_argument("--save-maps", metavar="DIR",
                    help="write per-image maps (.npy), PNG overlays, boxes.json and Figs. 1, 5, 6 to DIR")
+    e.add_argument("--num-workers", type=int_at_least(0),
+                   help="loader worker processes (default: from the machine; the numbers do not depend on it)")
+    e.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision for the network (default: off, fp32)")
     e.add_argument("--out", help="write the metrics as JSON here")
     _add_common(e)
 
@@ -303,7 +311,8 @@ def _cmd_train(a) -> int:
                 embedding_init=a.embedding_init, num_workers=a.num_workers, ckpt_every_steps=a.ckpt_every_steps,
                 ckpt_every_minutes=a.ckpt_every_minutes, val_split=a.val_split, val_every_epochs=a.val_every_epochs,
                 val_every_steps=a.val_every_steps, val_max_images=a.val_max_images,
-                max_steps_per_epoch=a.max_steps_per_epoch, large_feature_map=a.large_feature_map or None)
+                max_steps_per_epoch=a.max_steps_per_epoch, large_feature_map=a.large_feature_map or None,
+                amp=a.amp)
     cfg = preset(a.preset, **over).replace(seed=a.seed, out_dir=a.out, progress=not a.no_progress,
                                            device=_device(a.device), check_files=not a.no_file_check)
     if a.no_val:
@@ -408,7 +417,8 @@ def _cmd_evaluate(a) -> int:
                                       metadata_root=a.metadata_root, mask_root=a.mask_root, specs=specs,
                                       batch_size=a.batch_size, cam_curve_interval=a.curve_interval, device=device,
                                       progress=not a.no_progress and rank == 0, max_images=a.max_images,
-                                      select_on=a.select_on, sigma_grid=grid, save_maps=a.save_maps)
+                                      select_on=a.select_on, sigma_grid=grid, save_maps=a.save_maps,
+                                      num_workers=a.num_workers, amp=a.amp)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

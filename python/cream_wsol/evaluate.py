@@ -28,6 +28,8 @@ import json
 import math
 import os
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -37,6 +39,7 @@ from torch import Tensor
 
 from . import distributed
 from .models import class_activation_maps
+from .runs import autocast, loader_kwargs
 
 __all__ = [
     "MapSpec",
@@ -169,6 +172,16 @@ def _boxes_to_mask(boxes: np.ndarray, size: int) -> np.ndarray:
     return m
 
 
+def _default_metric_workers() -> int:
+    """Threads for the per-image metric work: half the usable cores, 2..8 (OpenCV's contours
+    and numpy release the GIL); a function of the machine, not of a timing."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS / Windows
+        cores = os.cpu_count() or 1
+    return max(2, min(8, cores // 2))
+
+
 @torch.no_grad()
 def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
              embeddings: Optional[Mapping[str, Any]] = None, batch_size: int = 32,
@@ -177,7 +190,8 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
              histogram_specs: Sequence[str] = (), histogram_bins: int = 50,
              keep_examples: int = 0, max_images: Optional[int] = None, desc: str = "evaluate",
              should_stop: Optional[Callable[[], bool]] = None, loc_taus: Optional[Mapping[str, float]] = None,
-             on_image: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
+             on_image: Optional[Callable[[Dict[str, Any]], None]] = None, num_workers: Optional[int] = None,
+             metric_workers: Optional[int] = None, amp: Optional[str] = None) -> Dict[str, Any]:
     """Score every map of ``specs`` on ``dataset`` (a ``WSOLDataset`` with train=False).
     Box metrics need boxes (CUB, ILSVRC, synthetic), PxAP needs masks (OpenImages,
     synthetic); whatever the split has is scored.
@@ -195,6 +209,14 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
     ``{image_id, index, label, pred, boxes, maps: {name: normalised map [S, S]}}``
     (``--save-maps``). ``should_stop`` is polled once per batch; when it returns
     True, :class:`EvaluationStopped` is raised.
+
+    ``num_workers``: loader processes (None: :func:`cream_wsol.runs.default_num_workers`;
+    pinned memory on CUDA). ``metric_workers``: threads doing the per-image metric work
+    (upsampling, contours over the thresholds) beside the model, two batches behind it
+    (None: half the cores, 2..8; 0: in the loop); results are added in dataset order, so the numbers are
+    the same for any value. ``amp``: ``"bf16"`` / ``"fp16"`` runs the network under
+    ``torch.autocast`` (the maps are then computed in fp32 from the bf16 / fp16 features);
+    on CUDA the images go in channels_last.
 
     Rows of predicted-class maps (``target="pred"``) carry no "GT-known Loc" and no
     "Top-5 Loc": both are defined on the ground-truth class's map.
@@ -222,60 +244,102 @@ def evaluate(model, dataset, specs: Optional[Mapping[str, MapSpec]] = None, *,
     rank, world = distributed.world()  # under torchrun + distributed.sharded(): this rank's batches
     mine = distributed.batch_shard(n_total, batch_size, rank, world)
     subset = dataset if len(mine) == len(dataset) else torch.utils.data.Subset(dataset, mine)
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=0)
+    dev = torch.device(device)
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, **loader_kwargs(num_workers, dev))
     top1 = top5 = seen = 0
     from tqdm.auto import tqdm
 
-    t0 = time.time()
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        if should_stop is not None and should_stop():
-            raise EvaluationStopped(f"{desc}: stopped after {seen} images")
-        images, labels, ids = batch[0].to(device), batch[1].to(device).long(), list(batch[2])
-        logits, feats = model(images, return_features=True)
-        k = min(5, logits.shape[1])
-        topk = logits.topk(k, dim=1).indices
-        preds = topk[:, 0]
-        ok1 = (preds == labels).cpu().numpy()
-        ok5 = (topk == labels[:, None]).any(dim=1).cpu().numpy()
-        top1 += int(ok1.sum())
-        top5 += int(ok5.sum())
-        seen += len(ids)
-        maps = compute_maps(feats.float(), _classifier_weight(model), specs, labels, preds,
-                            embeddings, cam_threshold, cam_fn=model_cam_fn(model))
-        maps = {n: m.detach().float().cpu() for n, m in maps.items()}
-        size = int(images.shape[-1])
-        for b, image_id in enumerate(ids):
-            gt_boxes = np.asarray(dataset.gt_boxes(image_id)) if has_boxes else np.zeros((0, 4), np.int64)
+    def score(image_id: str, maps_b: Dict[str, Tensor], size: int, ok1: bool, ok5: bool):
+        """The per-image metric work (no shared state: runs in the pool)."""
+        gt_boxes = np.asarray(dataset.gt_boxes(image_id)) if has_boxes else np.zeros((0, 4), np.int64)
+        gt_mask, ignore = dataset.gt_mask(image_id) if has_masks else (None, None)
+        out = {}
+        for name, m in maps_b.items():
+            sm = normalize_scoremap(m, size=size)
+            r = {"sm": sm}
+            if has_boxes:
+                r["box"] = box_ev[name].score(sm, gt_boxes)
             if has_masks:
-                gt_mask, ignore = dataset.gt_mask(image_id)
-            else:
-                gt_mask, ignore = None, None
-            per_image = {} if on_image is not None else None
-            keep = len(examples) < keep_examples
-            ex = {"image_id": image_id, "image": denormalize(images[b]), "boxes": gt_boxes,
-                  "label": int(labels[b]), "pred": int(preds[b]), "maps": {}} if keep else None
-            for name, m in maps.items():
-                sm = normalize_scoremap(m[b], size=size)
-                if has_boxes:
-                    box_ev[name].accumulate(sm, gt_boxes, correct_top1=bool(ok1[b]), correct_top5=bool(ok5[b]))
-                if has_masks:
-                    mask_ev[name].accumulate(sm, gt_mask, ignore)
-                if name in hists:
-                    fgm = np.asarray(gt_mask, bool) if has_masks else _boxes_to_mask(gt_boxes, size)
-                    valid = ~np.asarray(ignore, bool) if (has_masks and ignore is not None) else np.ones_like(fgm)
-                    hists[name]["fg"] += np.histogram(sm[fgm & valid], bins=edges)[0]
-                    hists[name]["bg"] += np.histogram(sm[~fgm & valid], bins=edges)[0]
-                if keep:
-                    ex["maps"][name] = sm
-                if per_image is not None:
-                    per_image[name] = sm
-            if on_image is not None:
-                on_image({"image_id": image_id, "index": mine.start + seen - len(ids) + b, "label": int(labels[b]),
-                          "pred": int(preds[b]), "boxes": gt_boxes, "maps": per_image})
+                r["mask"] = mask_ev[name].score(sm, gt_mask, ignore)
+            if name in hists:
+                fgm = np.asarray(gt_mask, bool) if has_masks else _boxes_to_mask(gt_boxes, size)
+                valid = ~np.asarray(ignore, bool) if (has_masks and ignore is not None) else np.ones_like(fgm)
+                r["hist"] = (np.histogram(sm[fgm & valid], bins=edges)[0], np.histogram(sm[~fgm & valid], bins=edges)[0])
+            out[name] = r
+        return gt_boxes, gt_mask, out
+
+    def add(item) -> None:
+        """Add one scored image, in dataset order (the same sums as the serial loop)."""
+        index, image_id, label, pred, ok1, ok5, image, (gt_boxes, gt_mask, scored) = item
+        keep = len(examples) < keep_examples
+        ex = {"image_id": image_id, "image": denormalize(image), "boxes": gt_boxes,
+              "label": label, "pred": pred, "maps": {}} if keep else None
+        for name, r in scored.items():
+            if has_boxes:
+                box_ev[name].add(r["box"], correct_top1=ok1, correct_top5=ok5)
+            if has_masks:
+                mask_ev[name].add(r["mask"])
+            if name in hists:
+                hists[name]["fg"] += r["hist"][0]
+                hists[name]["bg"] += r["hist"][1]
             if keep:
-                if has_masks:
-                    ex["mask"] = np.asarray(gt_mask, bool)
-                examples.append(ex)
+                ex["maps"][name] = r["sm"]
+        if on_image is not None:
+            on_image({"image_id": image_id, "index": index, "label": label, "pred": pred, "boxes": gt_boxes,
+                      "maps": {name: r["sm"] for name, r in scored.items()}})
+        if keep:
+            if has_masks:
+                ex["mask"] = np.asarray(gt_mask, bool)
+            examples.append(ex)
+
+    # metric_workers threads score batch k while the model runs batch k + 1 (torch, OpenCV and
+    # numpy release the GIL); results are added in order, so the sums are the serial loop's
+    n_pool = _default_metric_workers() if metric_workers is None else int(metric_workers)
+    pool = ThreadPoolExecutor(n_pool, thread_name_prefix="cream-metrics") if n_pool > 0 else None
+    pending: "deque" = deque()
+
+    def drain(keep_batches: int) -> None:
+        while len(pending) > keep_batches:
+            for meta, fut in pending.popleft():
+                add(meta + (fut.result() if pool is not None else fut,))
+
+    t0 = time.time()
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            if should_stop is not None and should_stop():
+                raise EvaluationStopped(f"{desc}: stopped after {seen} images")
+            images = batch[0].to(device, non_blocking=True)
+            labels, ids = batch[1].to(device, non_blocking=True).long(), list(batch[2])
+            if dev.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(amp, dev):
+                logits, feats = model(images, return_features=True)
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            topk = logits.topk(k, dim=1).indices
+            preds = topk[:, 0]
+            ok1 = (preds == labels).cpu().numpy()
+            ok5 = (topk == labels[:, None]).any(dim=1).cpu().numpy()
+            top1 += int(ok1.sum())
+            top5 += int(ok5.sum())
+            maps = compute_maps(feats.float(), _classifier_weight(model), specs, labels, preds,
+                                embeddings, cam_threshold, cam_fn=model_cam_fn(model))
+            maps = {n: m.detach().float().cpu() for n, m in maps.items()}
+            size = int(images.shape[-1])
+            keep_img = seen < keep_examples  # the first keep_examples images are kept
+            jobs = []
+            for b, image_id in enumerate(ids):
+                args = (image_id, {n: m[b] for n, m in maps.items()}, size, bool(ok1[b]), bool(ok5[b]))
+                meta = (mine.start + seen + b, image_id, int(labels[b]), int(preds[b]), bool(ok1[b]), bool(ok5[b]),
+                        images[b].cpu() if keep_img else None)
+                jobs.append((meta, pool.submit(score, *args) if pool is not None else score(*args)))
+            seen += len(ids)
+            pending.append(jobs)
+            drain(2 if pool is not None else 0)
+        drain(0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
     box_ev, mask_ev, hists, examples, (top1, top5, seen) = distributed.merge_evaluation(
         box_ev, mask_ev, hists, examples, (top1, top5, seen), keep_examples)  # exact, in image order
     elapsed = time.time() - t0
@@ -560,7 +624,8 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "test", data_root: Opti
                         cam_curve_interval: float = 0.001, device: str = "cpu", progress: bool = True,
                         max_images: Optional[int] = None, select_on: Optional[str] = None,
                         sigma_grid: Optional[Sequence[float]] = None,
-                        save_maps: Optional[str] = None) -> Dict[str, Any]:
+                        save_maps: Optional[str] = None, num_workers: Optional[int] = None,
+                        amp: Optional[str] = None) -> Dict[str, Any]:
     """Load a training checkpoint and evaluate it on ``split`` (same data roots as
     training unless given; ``mask_root``: the folder the mask paths are relative
     to, e.g. OpenImages' mask folder).
@@ -571,10 +636,13 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "test", data_root: Opti
     from .runs import load_trained
 
     model, emb, cfg = load_trained(checkpoint, device=device)
+    if torch.device(device).type == "cuda":
+        model.to(memory_format=torch.channels_last)  # with the channels_last images evaluate() feeds it
     ds = _open_split(cfg, split, data_root, metadata_root, mask_root, checkpoint)
     specs = dict(specs or DEFAULT_SPECS)
     common = dict(embeddings={"learned": emb}, batch_size=batch_size, cam_threshold=cfg.cam_threshold,
                   cam_curve_interval=cam_curve_interval, device=device, progress=progress)
+    run_kw = dict(num_workers=num_workers, amp=amp)
     selection = None
     loc_taus = None
     if select_on:
@@ -582,13 +650,13 @@ def evaluate_checkpoint(checkpoint: str, *, split: str = "test", data_root: Opti
             raise ValueError(f"select_on={select_on!r} is the evaluated split itself; choose on another split")
         sel_ds = _open_split(cfg, select_on, data_root, metadata_root, mask_root, checkpoint)
         specs, selection, _ = select_on_split(model, sel_ds, specs, sigma_grid=sigma_grid, max_images=max_images,
-                                              desc=f"select on {select_on}", **common)
+                                              desc=f"select on {select_on}", **common, **run_kw)
         loc_taus = {n: s["tau"] for n, s in selection.items() if s.get("tau") is not None}
     saver = MapSaver(save_maps, list(specs)) if save_maps else None
     gt_names = [n for n, s in specs.items() if s.target == "gt"] or list(specs)
     res = evaluate(model, ds, specs, max_images=max_images, desc=f"evaluate {split}", loc_taus=loc_taus,
                    on_image=saver, histogram_specs=gt_names[:4] if saver else (),
-                   keep_examples=6 if saver else 0, **common)
+                   keep_examples=6 if saver else 0, **common, **run_kw)
     res["config"] = cfg.to_dict()
     res["split"] = split
     res["selection"] = selection

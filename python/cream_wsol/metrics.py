@@ -451,15 +451,25 @@ class BoxEvaluator:
 
     def accumulate(self, scoremap, gt_boxes, correct_top1=None, correct_top5=None) -> np.ndarray:
         """Add one image; returns its best IoU at every tau (np.ndarray [n_tau])."""
-        gt = _check_boxes(gt_boxes, "gt_boxes")
+        return self.add(self.score(scoremap, gt_boxes), correct_top1, correct_top5)
+
+    def score(self, scoremap, gt_boxes) -> np.ndarray:
+        """One image's best IoU at every tau, without adding it (the per-image work: the
+        contours over the thresholds; safe to run in a thread beside the caller)."""
+        return _best_iou_per_threshold(_as_numpy(scoremap), _check_boxes(gt_boxes, "gt_boxes"), self.thresholds,
+                                       self.multi_contour)
+
+    def add(self, best, correct_top1=None, correct_top5=None) -> np.ndarray:
+        """Add one image scored by :meth:`score` (``accumulate`` = ``add(score(...))``)."""
+        best = np.asarray(best)
+        if best.shape != self.thresholds.shape:
+            raise ValueError(f"best must be [{len(self.thresholds)}] (one IoU per tau); got shape {best.shape}")
         for store, flag, name in ((self._top1, correct_top1, "correct_top1"),
                                   (self._top5, correct_top5, "correct_top5")):
             if self.cnt > 0 and (flag is None) != (len(store) == 0):
                 raise ValueError(
                     f"{name} must be given for every image or for none "
                     f"(image #{self.cnt} differs from the earlier ones)")
-        best = _best_iou_per_threshold(_as_numpy(scoremap), gt, self.thresholds,
-                                       self.multi_contour)
         for i, delta in enumerate(self.iou_thresholds):
             self.num_correct[i] += best >= (delta / 100)
         self._correct50.append(np.packbits(best >= 0.5))
@@ -533,6 +543,16 @@ class MaskEvaluator:
 
     def accumulate(self, scoremap, gt_mask, ignore=None) -> None:
         """Add one image: a normalized map [S, S], its foreground mask and ignore mask."""
+        self.add(self.score(scoremap, gt_mask, ignore))
+
+    def add(self, hists) -> None:
+        """Add one image's (foreground, background) score histograms from :meth:`score`."""
+        self.gt_true_score_hist += hists[0]
+        self.gt_false_score_hist += hists[1]
+        self.cnt += 1
+
+    def score(self, scoremap, gt_mask, ignore=None):
+        """One image's (foreground, background) histograms over the bins, without adding them."""
         scoremap = _check_scoremap(_as_numpy(scoremap))
         mask = np.asarray(_as_numpy(gt_mask)).astype(bool)
         if mask.shape != scoremap.shape:
@@ -543,9 +563,8 @@ class MaskEvaluator:
             if ign.shape != scoremap.shape:
                 raise ValueError(f"ignore shape {ign.shape} != scoremap shape {scoremap.shape}")
             keep_false &= ~ign  # ignore = ignore box \ foreground: never removes fg pixels
-        self.gt_true_score_hist += np.histogram(scoremap[mask], bins=self.bin_edges)[0]
-        self.gt_false_score_hist += np.histogram(scoremap[keep_false], bins=self.bin_edges)[0]
-        self.cnt += 1
+        return (np.histogram(scoremap[mask], bins=self.bin_edges)[0],
+                np.histogram(scoremap[keep_false], bins=self.bin_edges)[0])
 
     def compute(self) -> dict:
         """{'PxAP': AP x100, 'precision': [n_bins], 'recall': [n_bins], 'thresholds'}.

@@ -63,11 +63,14 @@ def choose_tau(model, emb, val_ds, spec: MapSpec, *, cam_threshold: float = 0.2,
 @torch.no_grad()
 def boxes_from_maps(model, dataset, spec: MapSpec, tau: float, *, embeddings: Optional[Mapping[str, Any]] = None,
                     cam_threshold: float = 0.2, batch_size: int = 32, device: str = "cpu",
-                    progress: bool = True, desc: str = "pseudo boxes") -> Dict[str, np.ndarray]:
+                    progress: bool = True, desc: str = "pseudo boxes",
+                    num_workers: Optional[int] = None) -> Dict[str, np.ndarray]:
     """{image_id: box [4] int64 (x0, y0, x1, y1) in the dataset's S x S frame}: the largest
     contour of the ground-truth class's map at ``tau``. Inside
     :func:`cream_wsol.distributed.sharded` under torchrun each rank maps its block of whole
-    batches and every rank returns the boxes of the whole split."""
+    batches and every rank returns the boxes of the whole split. ``num_workers``: loader processes
+    (None: :func:`cream_wsol.runs.default_num_workers`; the boxes do not depend on it)."""
+    from .runs import loader_kwargs
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -77,9 +80,9 @@ def boxes_from_maps(model, dataset, spec: MapSpec, tau: float, *, embeddings: Op
     out: Dict[str, np.ndarray] = {}
     mine = distributed.batch_shard(len(dataset), batch_size, *distributed.world())  # whole batches of this rank
     part = dataset if len(mine) == len(dataset) else torch.utils.data.Subset(dataset, mine)
-    loader = DataLoader(part, batch_size=batch_size, shuffle=False, num_workers=0)
+    loader = DataLoader(part, batch_size=batch_size, shuffle=False, **loader_kwargs(num_workers, device))
     for images, labels, ids in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        images, labels = images.to(device), labels.to(device).long()
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True).long()
         logits, feats = model(images, return_features=True)
         maps = compute_maps(feats.float(), _classifier_weight(model), {"m": spec}, labels,
                             logits.argmax(1), embeddings, cam_threshold, cam_fn=model_cam_fn(model))["m"].cpu()

@@ -8,7 +8,8 @@ boxes, and its box-level evaluation.
   the image side (targets in [0, 1]). Input: the eval resize to S x S, a random
   horizontal flip (the box flipped with it). SGD as ``train`` (momentum 0.9, Nesterov,
   weight decay 1e-4, step schedule), the same atomic checkpoints with every rank's RNG
-  streams (exact resume at an epoch boundary and, with ``num_workers=0``, mid-epoch),
+  streams (exact resume at an epoch boundary and mid-epoch: each sample's flip has its
+  own seed, so any ``num_workers`` gives the same numbers),
   tqdm bars and DDP under torchrun.
 * :func:`box_metrics`: boxes are not maps, so the metric is the direct one: an image is
   correct at delta when the IoU (the metrics' +1 pixel convention,

@@ -28,7 +28,7 @@ from .models import build_model
 
 __all__ = ["CHECKPOINT_NAME", "BEST_NAME", "ConfigMixin", "TrainConfig", "resolve_device", "dist_setup",
            "epoch_seed", "seed_everything", "rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint",
-           "make_loader", "progress_bar", "make_embeddings", "load_trained", "same_settings", "resume_point"]
+           "make_loader", "next_epoch", "SeededSamples", "progress_bar", "default_num_workers", "sample_seed", "loader_kwargs", "AMP_DTYPES", "autocast", "make_embeddings", "load_trained", "same_settings", "resume_point"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
@@ -77,7 +77,8 @@ class TrainConfig(ConfigMixin):
     cam_threshold: float = 0.2
     embedding_init: str = "zeros"
     seed: int = 0
-    num_workers: int = 0
+    num_workers: Optional[int] = None  # loader worker processes (None: default_num_workers(device))
+    amp: Optional[str] = None  # mixed precision of the forward pass: None (fp32, the paper) | "bf16" | "fp16"
     out_dir: str = "runs/train"
     ckpt_every_steps: int = 0  # also checkpoint every N steps (0: off)
     ckpt_every_minutes: float = 10.0  # also checkpoint when this much time passed since the last (0: off)
@@ -167,20 +168,104 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-class _SkipBatches(Sampler):
-    """Yield the batches of ``batch_sampler`` from index ``skip`` on (mid-epoch resume)."""
+def default_num_workers(device: Any = "cpu") -> int:
+    """The loader workers used when none are asked for: a function of the machine only
+    (usable cores and the device type), never of a timing. CUDA: one worker per core but
+    one, at most 8 (the GPU consumes several hundred images/s; one core decodes ~200).
+    CPU: the model needs the cores, so a quarter of them, at least 1 and at most 4 (on
+    2 cores: 1 worker, which moves the JPEG decoding off the training thread)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS / Windows
+        cores = os.cpu_count() or 1
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        return max(1, min(8, cores - 1))
+    return max(1, min(4, cores // 4))
 
-    def __init__(self, batch_sampler: BatchSampler, skip: int):
-        self.batch_sampler = batch_sampler
-        self.skip = int(skip)
 
-    def __iter__(self) -> Iterator[List[int]]:
-        for i, b in enumerate(self.batch_sampler):
-            if i >= self.skip:
-                yield b
+def loader_kwargs(num_workers: Optional[int], device: Any = "cpu", persistent: bool = False) -> Dict[str, Any]:
+    """DataLoader keywords for ``num_workers`` (None: :func:`default_num_workers`) on
+    ``device``: pinned memory on CUDA (copy with ``non_blocking=True``), persistent
+    workers when asked and there are workers, two batches prefetched per worker."""
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    n = default_num_workers(dev) if num_workers is None else int(num_workers)
+    kw: Dict[str, Any] = {"num_workers": n, "pin_memory": dev.type == "cuda"}
+    if n > 0:
+        kw.update(persistent_workers=bool(persistent), prefetch_factor=2)
+    return kw
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(amp: Optional[str], device: Any):
+    """The forward pass's mixed-precision context: ``torch.autocast`` in bf16 / fp16 on the
+    device's type, or a no-op for ``amp=None`` (fp32)."""
+    import contextlib
+
+    if amp is None:
+        return contextlib.nullcontext()
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16'; got {amp!r}")
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    return torch.autocast(dev.type, dtype=AMP_DTYPES[amp])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of sample ``index`` in ``epoch`` of a run seeded ``seed``:
+    the same in the main process and in any worker, for any worker count and rank."""
+    return (int(seed) * 1_000_003 + int(epoch) * 998_244_353 + int(index) * 10_007 + 54321) % (2**63 - 1)
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """``dataset`` read with keys ``(index, seed)``: item ``index`` is produced with the
+    global torch RNG seeded to ``seed`` (forked, so the caller's streams are untouched).
+    The training transforms draw their crop / flip from that RNG, so a sample's
+    augmentation depends on (run seed, epoch, index) only, not on which process (main or
+    worker) reads it or on what that process read before."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
 
     def __len__(self) -> int:
-        return max(0, len(self.batch_sampler) - self.skip)
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            return self.dataset[int(index)]
+
+
+class _EpochBatches(Sampler):
+    """The batches of one rank in one epoch: DistributedSampler order, the per-epoch step
+    cap, a mid-epoch ``skip``; each index paired with its :func:`sample_seed`. The epoch
+    can be changed (:meth:`set_epoch`), so a loader with persistent workers is reused."""
+
+    def __init__(self, n: int, cfg: "TrainConfig", rank: int, world: int, seed_offset: int = 0):
+        self.n, self.cfg, self.rank, self.world = int(n), cfg, int(rank), int(world)
+        self.seed = int(cfg.seed) + int(seed_offset)
+        self.epoch, self.skip = 0, 0
+        self.nb, self.drop_last = _batches_per_epoch(self.n, self.world, cfg.batch_size, cfg.max_steps_per_epoch)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = int(epoch), int(skip)
+
+    def __iter__(self) -> Iterator[List[Any]]:
+        sampler = DistributedSampler(range(self.n), num_replicas=self.world, rank=self.rank, shuffle=True,
+                                     seed=self.seed, drop_last=False)
+        sampler.set_epoch(self.epoch)
+        for i, b in enumerate(BatchSampler(sampler, self.cfg.batch_size, drop_last=self.drop_last)):
+            if i >= self.nb:
+                return
+            if i >= self.skip:
+                yield [(j, sample_seed(self.seed, self.epoch, j)) for j in b]
+
+    def __len__(self) -> int:
+        return max(0, self.nb - self.skip)
 
 
 def _batches_per_epoch(n: int, world: int, batch_size: int, cap: Optional[int]) -> tuple[int, bool]:
@@ -193,31 +278,23 @@ def _batches_per_epoch(n: int, world: int, batch_size: int, cap: Optional[int]) 
 
 
 def make_loader(dataset, cfg: TrainConfig, epoch: int, rank: int, world: int, skip: int = 0,
-                 seed_offset: int = 0) -> DataLoader:
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.seed + seed_offset, drop_last=False)
-    sampler.set_epoch(epoch)
-    nb, drop_last = _batches_per_epoch(len(dataset), world, cfg.batch_size, cfg.max_steps_per_epoch)
-    bs = BatchSampler(sampler, cfg.batch_size, drop_last=drop_last)
-    capped = _Cap(bs, nb)
-    gen = torch.Generator()
-    gen.manual_seed(epoch_seed(cfg.seed + seed_offset, epoch, rank))
-    return DataLoader(dataset, batch_sampler=_SkipBatches(capped, skip), num_workers=cfg.num_workers,
-                      generator=gen, persistent_workers=False)
+                seed_offset: int = 0, persistent: bool = False) -> DataLoader:
+    """This rank's loader for ``epoch`` (from batch ``skip`` on). Order and augmentation
+    depend on the seed, the epoch and the sample only (:class:`SeededSamples`), so any
+    ``cfg.num_workers`` gives the same batches. ``persistent``: keep the workers between
+    epochs; move the loader on with :func:`next_epoch` instead of building a new one."""
+    bs = _EpochBatches(len(dataset), cfg, rank, world, seed_offset)
+    bs.set_epoch(epoch, skip)
+    gen = torch.Generator()  # the loader's own base seed draw (the caller's streams stay untouched)
+    gen.manual_seed(epoch_seed(bs.seed, epoch, rank))
+    return DataLoader(SeededSamples(dataset), batch_sampler=bs, generator=gen,
+                      **loader_kwargs(cfg.num_workers, getattr(cfg, "device", "cpu"), persistent=persistent))
 
 
-class _Cap(Sampler):
-    def __init__(self, bs, n):
-        self.bs, self.n = bs, int(n)
-
-    def __iter__(self):
-        for i, b in enumerate(self.bs):
-            if i >= self.n:
-                return
-            yield b
-
-    def __len__(self):
-        return self.n
+def next_epoch(loader: DataLoader, epoch: int, skip: int = 0) -> DataLoader:
+    """The loader of :func:`make_loader` moved to ``epoch`` (its workers kept)."""
+    loader.batch_sampler.set_epoch(epoch, skip)
+    return loader
 
 
 def progress_bar(iterable=None, **kw):

@@ -18,8 +18,18 @@ Checkpoints (``<out>/checkpoint.pt``, written atomically: temp file +
 RNG states and the epoch / step, so ``resume`` continues exactly where the run
 stopped: two epochs in one go and one epoch + resume + one epoch give the same
 weights and embeddings bit for bit (data order and augmentation depend only on
-the seed, the epoch and the rank; with ``num_workers=0`` this also holds for a
-resume in the middle of an epoch).
+the seed, the epoch and the sample index: each sample's crop / flip is drawn from its
+own seed, :func:`cream_wsol.runs.sample_seed`, so any ``num_workers`` gives the same
+numbers and a resume in the middle of an epoch is exact with workers too).
+
+Mixed precision: ``amp="bf16"`` / ``"fp16"`` runs the forward pass and the loss under
+``torch.autocast`` (fp16 with a loss scaler); weights, optimizer and the context
+embeddings stay fp32, and the embeddings are updated from the bf16 / fp16 features the
+forward produced (docs/harness.md, "Mixed precision"). Off by default: the paper trains in fp32.
+
+Input: ``num_workers`` loader processes (default :func:`cream_wsol.runs.default_num_workers`,
+from the cores and the device type); on CUDA pinned memory, ``non_blocking`` copies and
+workers that persist between epochs.
 
 Long runs (docs/harness.md, "Training" and "A real-data session"):
 
@@ -56,9 +66,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .models import CAMNet, build_model
-from .runs import (BEST_NAME, CHECKPOINT_NAME, ConfigMixin, TrainConfig, deterministic_training,  # noqa: F401 (public here too)
-                   dist_setup, epoch_seed, load_checkpoint,
-                   load_trained, make_embeddings, make_loader, progress_bar, resolve_device, rng_state,
+from .runs import (BEST_NAME, CHECKPOINT_NAME, ConfigMixin, TrainConfig,  # noqa: F401 (public here too)
+                   autocast, deterministic_training, dist_setup, epoch_seed, load_checkpoint, load_trained,
+                   make_embeddings, make_loader, next_epoch, progress_bar, resolve_device, rng_state,
                    save_checkpoint, seed_everything, set_rng_state)
 
 # the loop's helpers under their former private names (cream_wsol.runs has them now)
@@ -89,7 +99,7 @@ RESUME_MUST_MATCH = (
     "preset", "dataset", "data_root", "metadata_root", "train_split", "arch", "pretrained",
     "large_feature_map", "image_size", "crop_size", "batch_size", "lr", "classifier_lr_mult",
     "sgd_momentum", "weight_decay", "lr_step", "lr_gamma", "cream_momentum", "cam_threshold",
-    "embedding_init", "seed", "max_steps_per_epoch", "model_kwargs", "method", "method_kwargs",
+    "embedding_init", "seed", "max_steps_per_epoch", "model_kwargs", "method", "method_kwargs", "amp",
 )
 
 
@@ -298,7 +308,8 @@ class _Validator:
             res = evaluate(model, self.dataset, {"CAM": MapSpec("cam")}, batch_size=self.cfg.batch_size,
                            cam_threshold=self.cfg.cam_threshold, cam_curve_interval=self.cfg.val_curve_interval,
                            device=str(self.device), progress=self.cfg.progress, max_images=self.cfg.val_max_images,
-                           desc=f"validate {self.cfg.val_split}", should_stop=should_stop)
+                           desc=f"validate {self.cfg.val_split}", should_stop=should_stop,
+                           num_workers=self.cfg.num_workers, amp=self.cfg.amp)
         finally:
             model.train(was_training)
             _set_rng_state(rng)
@@ -328,6 +339,8 @@ def _check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"ckpt_every_minutes must be a finite number >= 0 (0: off), got {v!r}")
     if cfg.val_max_images is not None and (not isinstance(cfg.val_max_images, int) or cfg.val_max_images < 1):
         raise ValueError(f"val_max_images must be None or an integer >= 1, got {cfg.val_max_images!r}")
+    if cfg.amp not in (None, "bf16", "fp16"):
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16'; got {cfg.amp!r}")
     if not (isinstance(cfg.val_curve_interval, float) and 0 < cfg.val_curve_interval < 1):
         raise ValueError(f"val_curve_interval must be a float in (0, 1), got {cfg.val_curve_interval!r}")
 
@@ -419,6 +432,11 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
         method.wrap(model)
         emb = _make_embeddings(num_classes, model.feature_dim, cfg.cream_momentum, cfg.cam_threshold,
                                cfg.embedding_init, cfg.seed).to(device)
+        # CUDA: channels_last activations (the CREAM kernels read them in place); fp16: a loss scaler
+        channels_last = device.type == "cuda"
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
         optimizer = torch.optim.SGD(model.param_groups(cfg.lr, cfg.classifier_lr_mult, cfg.weight_decay),
                                     lr=cfg.lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay,
                                     nesterov=cfg.sgd_momentum > 0)
@@ -434,6 +452,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
             emb.load_state_dict(ck["embeddings"])
             optimizer.load_state_dict(ck["optimizer"])
             scheduler.load_state_dict(ck["scheduler"])
+            if scaler is not None and ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
             start_epoch, start_step = int(ck["epoch"]), int(ck["step_in_epoch"])
             global_step = int(ck["global_step"])
             log = list(ck.get("log", []))
@@ -476,6 +496,7 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                     "arch": model.arch, "num_classes": num_classes, "feature_dim": model.feature_dim,
                     "model": model.state_dict(), "embeddings": emb.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": states, "epoch": epoch, "step_in_epoch": step_in_epoch,
                     "global_step": global_step, "world_size": world, "log": log, "best": best,
                     "epoch_stats": epoch_stats if step_in_epoch else None,
@@ -526,6 +547,8 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
         done_s = next((float(e["time_s"]) for e in reversed(log) if "step" not in e and "time_s" in e), 0.0)
         done_s += float((resumed_stats or {}).get("epoch_s", 0.0))
         val_post: Dict[str, str] = {}
+        # CUDA: the workers persist between epochs (the loader moves on with next_epoch)
+        loader, persistent = None, device.type == "cuda"
         with stop:
             for epoch in range(start_epoch, cfg.epochs):
                 skip = start_step if epoch == start_epoch else 0
@@ -533,7 +556,10 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                     _set_rng_state(rng_resume)  # mid-epoch: continue the saved streams
                 else:
                     _seed_everything(_epoch_seed(cfg.seed, epoch, rank))
-                loader = _make_loader(dataset, cfg, epoch, rank, world, skip=skip)
+                if loader is None or not persistent:
+                    loader = _make_loader(dataset, cfg, epoch, rank, world, skip=skip, persistent=persistent)
+                else:
+                    next_epoch(loader, epoch, skip)
                 total = len(loader) + skip  # steps of this epoch
                 ddp_model.train()
                 t_epoch = time.time()
@@ -546,26 +572,34 @@ def train(cfg: TrainConfig, resume: Optional[str] = "auto",
                 step_in_epoch = skip
                 stop_now = False
                 for batch in bar:
-                    images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device).long()
+                    images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True).long()
+                    if channels_last:
+                        images = images.contiguous(memory_format=torch.channels_last)
                     images, loss_fn, emb_labels = method.prepare(images, labels)  # issue 9 hook (cam: unchanged)
                     emb_cam = None
-                    if method.changes_model:  # SPG / ACoL: side outputs and their own loss (issue 23)
-                        out = ddp_model(images, labels=labels, aux=True)
-                        logits, feats = out["logits"], out["features"]
-                        loss = model.loss(out, labels)
-                        emb_cam = out.get("emb_cam")  # ACoL: the fused map masks the embedding update
-                    else:
-                        logits, feats = ddp_model(images, return_features=True)
-                        loss = loss_fn(logits)
+                    with autocast(cfg.amp, device):  # no-op without --amp
+                        if method.changes_model:  # SPG / ACoL: side outputs and their own loss (issue 23)
+                            out = ddp_model(images, labels=labels, aux=True)
+                            logits, feats = out["logits"], out["features"]
+                            loss = model.loss(out, labels)
+                            emb_cam = out.get("emb_cam")  # ACoL: the fused map masks the embedding update
+                        else:
+                            logits, feats = ddp_model(images, return_features=True)
+                            loss = loss_fn(logits)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
                     # Eqs. 3-4 with the weight this forward used (before the step), features detached
+                    # (under --amp the bf16 / fp16 features as they are; the tables stay fp32)
                     with torch.no_grad():
                         if emb_cam is not None:
                             emb.update(feats.detach(), emb_labels, cam=emb_cam.detach().float())
                         else:
                             emb.update(feats.detach(), emb_labels, classifier_weight=model.classifier_weight.detach())
-                    optimizer.step()
+                    if scaler is not None:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        optimizer.step()
                     step_in_epoch += 1
                     global_step += 1
                     loss_sum += loss.detach().double().cpu()
@@ -670,7 +704,7 @@ def _copy_atomic(src: str, dst: str) -> None:
 @torch.no_grad()
 def learn_embeddings(model: CAMNet, dataset, momenta: Sequence[float], *, init: str = "random",
                      cam_threshold: float = 0.2, batch_size: int = 32, epochs: int = 1, seed: int = 0,
-                     progress: bool = True, device: str = "cpu", num_workers: int = 0) -> Dict[float, Any]:
+                     progress: bool = True, device: str = "cpu", num_workers: Optional[int] = 0) -> Dict[float, Any]:
     """Re-learn context embeddings with a trained, frozen model (eval mode): one
     pass (``epochs``) over the training data with training augmentation, feeding
     the same features to one ``ContextEmbeddings`` per momentum. Used for the
@@ -679,7 +713,7 @@ def learn_embeddings(model: CAMNet, dataset, momenta: Sequence[float], *, init: 
     tables = {float(m): _make_embeddings(model.num_classes, model.feature_dim, float(m), cam_threshold, init,
                                          seed).to(device)
               for m in momenta}
-    cfg = TrainConfig(batch_size=batch_size, seed=seed, num_workers=num_workers)
+    cfg = TrainConfig(batch_size=batch_size, seed=seed, num_workers=num_workers, device=device)
     for epoch in range(epochs):
         _seed_everything(_epoch_seed(seed + 1, epoch, 0))
         loader = _make_loader(dataset, cfg, epoch, 0, 1, seed_offset=1)
