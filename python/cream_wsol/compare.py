@@ -171,11 +171,11 @@ def format_comparison(res: Mapping[str, Any], ours_label: str, theirs_label: str
     lines += [f"**Verdicts: {agree} of {len(res['claims'])} agree.** Numbers: {n_in} of {n_rated} within the seed "
               f"spread (|difference| <= the larger std over the seeds; {len(res['rows']) - n_rated} rows with one seed "
               "cannot be rated).", "",
-              "| configuration | claim | this run (D) | published (D) | agree |", "|---|---|---|---|---|"]
+              "| configuration | claim | this run (D) | other run (D) | agree |", "|---|---|---|---|---|"]
     for c in res["claims"]:
         lines.append(f"| {c['config']} | {c['claim']} | {c['ours']} ({_pm(c['ours_mean'], c['ours_std'])}) | "
                      f"{c['theirs']} ({_pm(c['theirs_mean'], c['theirs_std'])}) | {'yes' if c['agree'] else '**no**'} |")
-    lines += ["", "| configuration | quantity (test) | this run | published | difference | within the spread |",
+    lines += ["", "| configuration | quantity (test) | this run | other run | difference | within the spread |",
               "|---|---|---|---|---|---|"]
     for r in res["rows"]:
         w = "-" if r["within"] is None else ("yes" if r["within"] else "no")
