@@ -79,21 +79,22 @@ kernel, with a smaller live set, keeps it (PREFETCH for 16-bit features).
 
 Compile-time figures: sm_90a, the ptxas each Triton uses, -v, via
 ``scripts/triton_sm90.py`` (no GPU); ``scripts/triton_matrix.sh`` runs it in a
-venv per Triton version (torch 2.13.0 CPU beside it). The committed table,
-benchmarks/results/triton_sm90_matrix_2026-12-03.md (the CI set of 16 configs:
-every EM form, the split and context kernels, fp32/bf16/fp16, NCHW and
-channels_last, d=2048 and the KB=4 form at d=64; plus --set quick, d=2048
-28x28: 56 distinct configs, 30 of _em_kernel); per version, _em_kernel's max
-spills, registers, narrowest feature load, max compile CPU seconds:
+venv per Triton version (torch 2.13.0 CPU beside it). The full matrix,
+benchmarks/results/triton_sm90_matrix_full_2026-12-03.md (--set full: 112
+_em_kernel configs over every SPEC.md shape, fp32/bf16/fp16, NCHW and channels_last and
+every form, plus 36 context and 50 split-path configs; load average ~1); per
+version, _em_kernel's max spills, registers, narrowest feature load, max compile
+CPU seconds:
 
-    Triton 3.6.0 (torch 2.11)   max 176 B spills, 104-205 registers, loads >= 8 B, <= 2.5 s
-    Triton 3.7.1                max 100 B spills, 104-168 registers, loads >= 8 B, <= 2.1 s
-    Triton 3.8.0 (torch 2.14)   max  40 B spills, 102-168 registers, loads >= 8 B, <= 2.0 s
-    Triton 3.9.0                max  56 B spills,  93-184 registers, loads >= 8 B, <= 2.9 s
+    Triton 3.6.0 (torch 2.11)   max 348 B spills, 104-255 registers, loads >= 8 B, <= 2.4 s
+    Triton 3.7.1                max 176 B spills, 103-255 registers, loads >= 8 B, <= 2.6 s
+    Triton 3.8.0 (torch 2.14)   max  56 B spills,  84-255 registers, loads >= 8 B, <= 2.6 s
+    Triton 3.9.0                max 120 B spills,  64-255 registers, loads >= 8 B, <= 3.5 s
 
-  (CPU seconds of triton.compile and its ptxas, about the idle wall time; the
-  wall time under a load average of 7-12 on 2 cores was <= 14 s). Context
-  kernel <= 8 B, split pass <= 40 B, split reduce 0 B on every version.
+  (8 B loads only where a 14x14 row of 16-bit NCHW values allows no wider
+  vector, as before). Context kernel <= 40 B, split pass <= 184 B, split reduce
+  0 B on every version. The CI set + quick set of an earlier, loaded run is in
+  benchmarks/results/triton_sm90_matrix_2026-12-03.md.
 
   Feature loads are as wide as at d78afad config by config (16 B, or 8 B where
   14x14 rows of 16-bit values allow no wider vector). Before (d78afad): Triton
