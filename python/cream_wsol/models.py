@@ -394,7 +394,9 @@ class InceptionV3CAM(CAMNet):
         self.SPG_A3_2b = nn.Sequential(nn.Conv2d(1024, 1024, 3, padding=1), nn.ReLU(True))
         _init_weights(self.modules(), "xavier")
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_to_mixed_5d(self, x: Tensor) -> Tensor:
+        """The stem through Mixed_5d (and, without the large feature map, its pool): what the
+        CAM head and the SPG branches (spg_acol.py) build on."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=True)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -402,6 +404,10 @@ class InceptionV3CAM(CAMNet):
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))
         if not self.large_feature_map:
             x = F.max_pool2d(x, kernel_size=3, stride=2, ceil_mode=True)
+        return x
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.forward_to_mixed_5d(x)
         x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))))
         x = F.dropout(x, 0.5, self.training)
         x = self.SPG_A3_1b(x)

@@ -340,17 +340,6 @@ def _lite0_head(bb, x: Tensor) -> Tensor:
     return F.relu6(bb._bn1(bb._conv_head(x)))
 
 
-def _inception_to_5d(bb, x: Tensor) -> Tensor:
-    x = bb.Conv2d_2b_3x3(bb.Conv2d_2a_3x3(bb.Conv2d_1a_3x3(x)))
-    x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=True)
-    x = bb.Conv2d_4a_3x3(bb.Conv2d_3b_1x1(x))
-    x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1, ceil_mode=True)
-    x = bb.Mixed_5d(bb.Mixed_5c(bb.Mixed_5b(x)))
-    if not bb.large_feature_map:
-        x = F.max_pool2d(x, kernel_size=3, stride=2, ceil_mode=True)
-    return x
-
-
 def _vgg_is_large(feats: nn.Sequential) -> bool:
     return not isinstance(feats[_vgg_conv4_end(feats)], nn.MaxPool2d)
 
@@ -371,7 +360,7 @@ def _spg_taps(net: "SPGNet", x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         t2 = bb.layer3[1:](t1)
         return t1, t2, bb.layer4(t2)
     if arch == "inceptionv3":
-        t1 = _inception_to_5d(bb, x)
+        t1 = bb.forward_to_mixed_5d(x)
         t2 = bb.Mixed_6d(bb.Mixed_6c(bb.Mixed_6b(bb.Mixed_6a(t1))))  # wsolevaluation taps B2 at Mixed_6d
         f = F.dropout(bb.Mixed_6e(t2), 0.5, net.training)
         f = F.dropout(bb.SPG_A3_1b(f), 0.5, net.training)
@@ -400,7 +389,7 @@ def _acol_trunk(net: "ACoLNet", x: Tensor) -> Tensor:
         x = F.max_pool2d(x, kernel_size=3, stride=1, padding=1)  # 'M2' after conv5_3
         return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1)
     if arch == "inceptionv3":
-        return bb.Mixed_6e(bb.Mixed_6d(bb.Mixed_6c(bb.Mixed_6b(bb.Mixed_6a(_inception_to_5d(bb, x))))))
+        return bb.Mixed_6e(bb.Mixed_6d(bb.Mixed_6c(bb.Mixed_6b(bb.Mixed_6a(bb.forward_to_mixed_5d(x))))))
     if arch in ("resnet50", "small", "efficientnet_lite0"):
         return bb.forward_features(x)
     raise ValueError(f"ACoL: no wiring for arch {arch!r}")

@@ -11,3 +11,15 @@ def tiny_cfg(data, out, *, seed: int = 3, **kw) -> TrainConfig:
                 seed=seed, out_dir=str(out), progress=False)
     base.update(kw)
     return TrainConfig(**base)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """Two training checkpoints hold bit-identical model, embeddings and SGD momentum."""
+    import torch
+
+    for part in ("model", "embeddings"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])

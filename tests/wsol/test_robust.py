@@ -26,16 +26,11 @@ from cream_wsol.train import (ResumeMismatchError, TrainConfig, load_checkpoint,
                               preset, train)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from _tiny import IMAGE, tiny_cfg as _cfg  # noqa: E402
+from _tiny import IMAGE, assert_same_weights, tiny_cfg as _cfg  # noqa: E402
 
 
 def _same_run_state(a: dict, b: dict):
-    for part in ("model", "embeddings"):
-        assert a[part].keys() == b[part].keys()
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), (part, k)
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert_same_weights(a, b)
     assert a["scheduler"] == b["scheduler"] and a["global_step"] == b["global_step"]
 
 
